@@ -1,0 +1,135 @@
+"""`legrad-export`: an OpenCLIP ViT → a model folder the torch-free runtime loads.
+
+    legrad-export --model ViT-B-16 --pretrained laion2b_s34b_b88k --image-size 448 --out models/
+
+Bad input ends in one line on stderr and exit code 2; progress goes to stderr, the folder to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from legrad_runtime.errors import LegradError
+
+from .layers import DEFAULT_LAYERS
+from .onnx_export import ExportSettings, check_output_root, export_model
+
+__all__ = ["main", "build_parser"]
+
+_STAGE_TEXT = {
+    "load": "load the open_clip model",
+    "build": "rebuild the ViT with explicit attention",
+    "trace": "trace the image and text graphs to ONNX",
+    "check": "check the graphs and verify them against the reference",
+    "write": "write tokenizer, metadata and checksums",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="legrad-export",
+        description="Export an OpenCLIP ViT with LeGrad as ONNX graphs plus metadata.",
+    )
+    p.add_argument("--model", help="open_clip model name (e.g. ViT-B-16), or local-dir:PATH")
+    p.add_argument(
+        "--pretrained",
+        default="none",
+        help="open_clip tag (e.g. laion2b_s34b_b88k), a local checkpoint path, or 'none' for random weights",
+    )
+    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument(
+        "--layers",
+        default=str(DEFAULT_LAYERS),
+        help="blocks to explain: -2 = last two (default), k = blocks k..L-1, 'all', or a list '8,10,11'",
+    )
+    p.add_argument(
+        "--resize-mode",
+        choices=("squash", "shortest"),
+        default="squash",
+        help="how the runtime fits images: squash (LeGrad's demos, whole image) or shortest (+ center crop)",
+    )
+    p.add_argument("--out", default="models", help="parent folder of the exported model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
+    p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
+    p.add_argument("--list-models", action="store_true", help="print the open_clip ViT model names and exit")
+    return p
+
+
+class _Stages:
+    """One status line per stage with its duration; a spinner while it runs (on a terminal)."""
+
+    def __init__(self, console: Console):
+        self.console, self.current, self.started, self.status = console, None, 0.0, None
+
+    def __call__(self, name: str) -> None:
+        self._finish()
+        self.current, self.started = name, time.perf_counter()
+        self.status = self.console.status(f"[bold]{name}[/]: {_STAGE_TEXT[name]} ...")
+        self.status.start()
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            self.status.stop()
+            elapsed = time.perf_counter() - self.started
+            self.console.print(f"[green]✓[/] {self.current:<6} {_STAGE_TEXT[self.current]} ({elapsed:.1f} s)")
+            self.current = None
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self._finish()
+        elif self.current is not None:
+            self.status.stop()
+            self.console.print(f"[red]✗[/] {self.current:<6} {_STAGE_TEXT[self.current]}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=True, highlight=False)
+    if args.list_models:
+        from .load import list_vit_models
+
+        print("\n".join(list_vit_models()))
+        return 0
+    if not args.model:
+        parser.error("--model is required (e.g. --model ViT-B-16); see --list-models")
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs routine notes as warnings
+
+    stages = _Stages(console)
+    try:
+        out = Path(args.out)
+        check_output_root(out)  # before the slow part
+        from .load import load_openclip
+
+        stages("load")
+        loaded = load_openclip(args.model, args.pretrained, cache_dir=args.cache_dir)
+        settings = ExportSettings(
+            image_size=args.image_size,
+            layers=args.layers,
+            resize_mode=args.resize_mode,
+            verify=not args.no_verify,
+            overwrite=args.overwrite,
+        )
+        folder = export_model(loaded, out, settings, on_stage=stages)
+    except LegradError as exc:
+        stages.close(ok=False)
+        console.print(f"legrad-export: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        stages.close(ok=False)
+        console.print("legrad-export: interrupted; nothing was written")
+        return 130
+    stages.close(ok=True)
+    print(folder)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The nn.Modules whose forward IS each ONNX graph's signature (see legrad_runtime.metadata)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .legrad import LeGrad
+from .load import LoadedModel, visual_state_dict
+from .vit import ExplicitViT
+
+__all__ = ["TextGraph", "build_image_graph", "example_image_inputs"]
+
+
+def build_image_graph(loaded: LoadedModel, image_size: int, layers: tuple[int, ...]) -> LeGrad:
+    """(pixel_values, text_embeds) → (heatmaps, layer_maps, image_embeds), from copied weights."""
+    return LeGrad(ExplicitViT(loaded.vit, visual_state_dict(loaded), image_size), layers).eval()
+
+
+class TextGraph(nn.Module):
+    """input_ids (P, context_length) → L2-normalised text embeddings (P, E).
+
+    Holds a private copy of the model, so putting it in eval mode never touches the caller's.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__()
+        self.clip = copy.deepcopy(loaded.model).eval()
+        self.clip.visual = None  # only the text tower is traced; drop the copy's image tower
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(input_ids, normalize=True)
+
+
+def example_image_inputs(
+    image_size: int, embed_dim: int, batch: int, prompts: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random inputs of the image graph: standardised pixels and unit text embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=gen)
+    text = torch.nn.functional.normalize(torch.randn(prompts, embed_dim, generator=gen), dim=-1)
+    return pixels, text

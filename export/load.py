@@ -1,0 +1,254 @@
+"""Loading OpenCLIP models: the ONLY module of this package that imports open_clip.
+
+It turns a model name (built-in, `local-dir:PATH`, `hf-hub:ID`) and a pretrained spec (open_clip
+tag, local checkpoint path, or 'none') into a `LoadedModel`: the untouched open_clip model plus the
+facts the rest of the exporter needs (architecture, preprocessing, tokenizer), each failure turned
+into one clear `ExportError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn as nn
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+
+from legrad_runtime.errors import ExportError, UnsupportedModelError
+from legrad_runtime.metadata import TokenizerCfg, sha256_file
+
+from .vit import ViTConfig
+
+__all__ = ["LoadedModel", "list_vit_models", "load_openclip", "wrap_openclip", "describe_vit", "write_tokenizer"]
+
+OPEN_CLIP_VERSION = open_clip.__version__
+_SCHEMAS = ("local-dir:", "hf-hub:")
+_CHECKPOINT_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An open_clip CLIP model (eval, fp32, CPU) and what the exporter needs to know about it."""
+
+    model: Any
+    model_name: str
+    pretrained: str  # tag, checkpoint file name, or 'none'
+    checkpoint_sha256: str | None
+    vit: ViTConfig
+    preprocess: dict[str, Any]  # open_clip's preprocess cfg: size, mean, std, interpolation, resize_mode
+    tokenizer: Any  # open_clip tokenizer (callable: list[str] -> LongTensor)
+    context_length: int
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().item())
+
+
+def list_vit_models() -> list[str]:
+    """open_clip model names whose image tower is a plain ViT (what this exporter supports)."""
+    names = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        vision = cfg.get("vision_cfg", {})
+        plain = isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
+        custom = any(vision.get(k) for k in ("attentional_pool", "qk_norm", "scaled_cosine_attn", "scale_attn"))
+        if plain and not custom and "multimodal_cfg" not in cfg:
+            names.append(name)
+    return names
+
+
+def _suggest(name: str) -> str:
+    models = open_clip.list_models()
+    close = difflib.get_close_matches(name, models, n=5, cutoff=0.6)
+    close += [m for m in models if m.lower() == name.lower() and m not in close]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown model {name!r}; {hint}see `legrad-export --list-models` for all names"
+
+
+def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, str, str | None, bool]:
+    """(value for open_clip, label for metadata, checkpoint sha256, needs QuickGELU)."""
+    if pretrained.lower() in ("", "none", "random"):
+        return None, "none", None, False
+    tag_cfg = get_pretrained_cfg(model_name, pretrained)
+    if tag_cfg:
+        return pretrained, pretrained, None, bool(tag_cfg.get("quick_gelu", False))
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path), path.name, sha256_file(path), False
+    tags = list_pretrained_tags_by_model(model_name)
+    known = f"known tags for {model_name}: {', '.join(tags)}" if tags else f"{model_name} has no open_clip tags"
+    raise ExportError(
+        f"--pretrained {pretrained!r} is neither an open_clip tag nor an existing file ({known}); "
+        "pass a tag, a local checkpoint path, or 'none' for random weights"
+    )
+
+
+def _local_dir_checkpoint(model_name: str) -> tuple[str, str | None]:
+    folder = Path(model_name[len("local-dir:") :])
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
+    return (found[0].name, sha256_file(found[0])) if found else ("none", None)
+
+
+def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str | None = None) -> LoadedModel:
+    """Build an open_clip model by name and load its weights; raise ExportError on any bad input."""
+    if Path(model_name).is_dir() and (Path(model_name) / "open_clip_config.json").is_file():
+        model_name = f"local-dir:{model_name}"
+    schema = next((s for s in _SCHEMAS if model_name.startswith(s)), None)
+    if schema is None and model_name not in open_clip.list_models():
+        raise ExportError(_suggest(model_name))
+
+    force_quick_gelu = False
+    if schema == "local-dir:":
+        value, (label, sha) = None, _local_dir_checkpoint(model_name)
+    elif schema == "hf-hub:":
+        value, label, sha = None, model_name[len("hf-hub:") :], None
+    else:
+        value, label, sha, force_quick_gelu = _resolve_pretrained(model_name, pretrained)
+
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=value, force_quick_gelu=force_quick_gelu, cache_dir=cache_dir
+        )
+    except _CHECKPOINT_ERRORS as exc:
+        raise _explain_load_failure(model_name, pretrained, value, exc) from exc
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    return wrap_openclip(model, model_name, label, tokenizer=tokenizer, checkpoint_sha256=sha)
+
+
+def _explain_load_failure(model_name: str, pretrained: str, value: str | None, exc: Exception) -> ExportError:
+    text = str(exc)
+    if value is not None and Path(value).is_file():
+        if "Error(s) in loading state_dict" in text:
+            lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+            detail = "; ".join(lines)[:600]
+            return ExportError(
+                f"checkpoint {value} does not fit model {model_name} ({detail}); "
+                "pass the model name the checkpoint was trained with"
+            )
+        return ExportError(f"cannot read checkpoint {value} ({type(exc).__name__}: {text[:300]})")
+    if value is not None or model_name.startswith("hf-hub:"):
+        return ExportError(
+            f"could not download pretrained weights {pretrained!r} for {model_name} (no network?). "
+            f"Download the checkpoint where you have network and pass its path: "
+            f"legrad-export --model {model_name} --pretrained /path/to/open_clip_model.safetensors"
+        )
+    return ExportError(f"could not build {model_name}: {type(exc).__name__}: {text[:300]}")
+
+
+def describe_vit(model: nn.Module, model_name: str = "model") -> ViTConfig:
+    """Architecture facts of a CLIP image tower; UnsupportedModelError if LeGrad cannot explain it."""
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        kind = type(visual).__name__ if visual is not None else "no image tower"
+        raise UnsupportedModelError(
+            f"{model_name}'s image tower is {kind}, not an OpenCLIP VisionTransformer; "
+            "LeGrad export supports ViT towers such as ViT-B-16 (ResNet, ConvNeXt and timm towers are not)"
+        )
+    if visual.attn_pool is not None:
+        raise UnsupportedModelError(f"{model_name} pools with an attentional pooler (CoCa); not supported yet")
+    blocks = list(visual.transformer.resblocks)
+    odd = {type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock}
+    if odd:
+        raise UnsupportedModelError(
+            f"{model_name} uses {', '.join(sorted(odd))} blocks (qk-norm / scaled-cosine attention); "
+            "LeGrad export supports standard ResidualAttentionBlock towers"
+        )
+    act = blocks[0].mlp.gelu
+    if isinstance(act, QuickGELU):
+        activation = "quick_gelu"
+    elif isinstance(act, nn.GELU) and act.approximate == "none":
+        activation = "gelu"
+    else:
+        raise UnsupportedModelError(f"{model_name} uses activation {act!r}; expected GELU or QuickGELU")
+    if visual.pool_type not in ("tok", "avg") or visual.proj is None:
+        raise UnsupportedModelError(f"{model_name} has pool_type {visual.pool_type!r} or no projection")
+    patch_h, patch_w = visual.patch_size
+    grid_h, grid_w = visual.grid_size
+    if patch_h != patch_w or grid_h != grid_w:
+        raise UnsupportedModelError(f"{model_name} has non-square patches or grid; only square ones supported")
+    return ViTConfig(
+        width=visual.transformer.width,
+        heads=blocks[0].attn.num_heads,
+        num_layers=len(blocks),
+        patch_size=patch_h,
+        native_grid=grid_h,
+        embed_dim=visual.proj.shape[1],
+        activation=activation,
+        pool_type=visual.pool_type,
+        final_ln_after_pool=bool(visual.final_ln_after_pool),
+        eps=blocks[0].ln_1.eps,
+    )
+
+
+def wrap_openclip(
+    model: nn.Module,
+    model_name: str,
+    pretrained: str = "custom",
+    *,
+    tokenizer: Any = None,
+    checkpoint_sha256: str | None = None,
+) -> LoadedModel:
+    """Describe an already-built open_clip model (not copied, never modified) for export."""
+    vit = describe_vit(model, model_name)
+    if tokenizer is None:
+        tokenizer = open_clip.get_tokenizer(model_name)
+    pre = dict(get_model_preprocess_cfg(model))
+    preprocess = {
+        "size": int(visual_size(model)),
+        "mean": tuple(float(m) for m in pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        "std": tuple(float(s) for s in pre.get("std", open_clip.OPENAI_DATASET_STD)),
+        "interpolation": pre.get("interpolation", "bicubic"),
+        "resize_mode": pre.get("resize_mode", "shortest"),
+    }
+    return LoadedModel(
+        model=model,
+        model_name=model_name,
+        pretrained=pretrained,
+        checkpoint_sha256=checkpoint_sha256,
+        vit=vit,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        context_length=int(getattr(tokenizer, "context_length", None) or model.context_length),
+    )
+
+
+def visual_size(model: nn.Module) -> int:
+    return model.visual.image_size[0]
+
+
+def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """The image tower's tensors by state-dict name (views; the exporter copies what it keeps)."""
+    return dict(loaded.model.visual.state_dict())
+
+
+_CLEAN_NAMES = {"_clean_lower": "lower", "_clean_whitespace": "whitespace", "_clean_canonicalize": "canonicalize"}
+
+
+def write_tokenizer(loaded: LoadedModel, folder: Path) -> TokenizerCfg:
+    """Write the tokenizer's files under folder/tokenizer/ so prompts can be embedded without torch."""
+    tok = loaded.tokenizer
+    out = folder / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(tok, SimpleTokenizer):
+        (out / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
+        merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+        (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        clean = _CLEAN_NAMES.get(getattr(tok.clean_fn, "__name__", ""), "lower")
+        return TokenizerCfg("clip-bpe", loaded.context_length, ("tokenizer/vocab.json", "tokenizer/merges.txt"), clean)
+    if isinstance(tok, HFTokenizer):
+        written = tok.tokenizer.save_pretrained(str(out))
+        files = tuple(sorted(f"tokenizer/{Path(p).name}" for p in written if Path(p).is_file()))
+        return TokenizerCfg("hf", loaded.context_length, files, "whitespace")
+    raise UnsupportedModelError(f"cannot export tokenizer of type {type(tok).__name__}")

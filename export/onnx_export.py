@@ -1,0 +1,233 @@
+"""Write a self-describing model folder: image graph, text graph, tokenizer files, metadata.
+
+Everything is written into a hidden temporary folder next to the target and renamed into place at
+the end, so a failed export never leaves a half-written model folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+import torch
+
+from legrad_runtime import __version__
+from legrad_runtime.errors import ExportError
+from legrad_runtime.metadata import (
+    IMAGE_GRAPH,
+    METADATA_FILE,
+    ONNX_METADATA_KEY,
+    TEXT_GRAPH,
+    FileEntry,
+    GraphSpec,
+    ModelMetadata,
+    PreprocessCfg,
+    sha256_file,
+)
+
+from .graphs import TextGraph, build_image_graph, example_image_inputs
+from .layers import DEFAULT_LAYERS, resolve_layers
+from .load import OPEN_CLIP_VERSION, LoadedModel, write_tokenizer
+from .verify import VERIFY_PROMPTS, verify_export
+
+__all__ = ["ExportSettings", "STAGES", "export_model", "check_output_root", "model_folder_name"]
+
+STAGES = ("build", "trace", "check", "write")
+_TWO_GB = 2**31 - 2**24  # protobuf's limit, with room for the graph itself
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    image_size: int | None = None  # None: the model's native size
+    layers: int | str | tuple[int, ...] = DEFAULT_LAYERS
+    resize_mode: str = "squash"  # how the runtime fits images to the square input (LeGrad's demos squash)
+    verify: bool = True
+    overwrite: bool = False
+
+
+def model_folder_name(loaded: LoadedModel, image_size: int) -> str:
+    name = loaded.model_name.split(":", 1)[-1].rstrip("/").split("/")[-1]
+    pretrained = Path(loaded.pretrained).stem if "." in loaded.pretrained else loaded.pretrained
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}__{pretrained}__{image_size}")
+
+
+def check_output_root(out_root: Path) -> None:
+    """Fail early, before any slow work, if the output folder cannot be written."""
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_root, prefix=".legrad-probe-"):
+            pass
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write to output folder {out_root} ({exc.strerror or exc}); pass a writable --out"
+        ) from exc
+
+
+def resolve_image_size(loaded: LoadedModel, image_size: int | None) -> int:
+    size = image_size or loaded.preprocess["size"]
+    patch = loaded.vit.patch_size
+    if size <= 0 or size % patch:
+        lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
+        raise ExportError(
+            f"image size {size} is not a positive multiple of {loaded.model_name}'s patch size {patch}; "
+            f"use e.g. {lower} or {upper}"
+        )
+    return size
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx prints its own progress lines and warnings; ours is the progress display."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, axis_dims: dict) -> onnx.ModelProto:
+    dims = {axis: torch.export.Dim(axis) for axis in spec.dynamic_axes}
+    dynamic_shapes = {
+        t.name: {i: dims[a] for i, a in enumerate(t.shape) if a in dims}
+        for t in spec.inputs
+    }
+    with _quiet():
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    proto = program.model_proto
+    for out in proto.graph.output:  # name the static axes the contract names too, for readers
+        tensor = next(t for t in spec.outputs if t.name == out.name)
+        for dim, axis in zip(out.type.tensor_type.shape.dim, tensor.shape):
+            if isinstance(axis, str) and axis not in dims and axis in axis_dims:
+                dim.dim_value = axis_dims[axis]
+    return proto
+
+
+def _save(proto: onnx.ModelProto, path: Path, metadata_json: str, param_bytes: int) -> None:
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, metadata_json
+    if param_bytes < _TWO_GB:
+        onnx.save_model(proto, str(path))
+    else:  # over protobuf's 2 GB limit: weights in one side file
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_model(
+    loaded: LoadedModel,
+    out_root: str | Path,
+    settings: ExportSettings = ExportSettings(),
+    on_stage: Callable[[str], None] | None = None,
+) -> Path:
+    """Export `loaded` into out_root/MODEL__PRETRAINED__SIZE/ and return that folder."""
+    stage = on_stage or (lambda name: None)
+    out_root = Path(out_root)
+    check_output_root(out_root)
+    size = resolve_image_size(loaded, settings.image_size)
+    try:
+        layers = resolve_layers(settings.layers, loaded.vit.num_layers)
+        preprocess = PreprocessCfg(
+            size=size,
+            mean=loaded.preprocess["mean"],
+            std=loaded.preprocess["std"],
+            interpolation=loaded.preprocess["interpolation"],
+            resize_mode=settings.resize_mode,
+        )
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+    target = out_root / model_folder_name(loaded, size)
+    if target.exists() and not settings.overwrite:
+        raise ExportError(f"{target} already exists; pass --overwrite to replace it")
+
+    tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{target.name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is meant to be shared
+    try:
+        stage("build")
+        image_graph = build_image_graph(loaded, size, layers)
+        text_graph = TextGraph(loaded)
+        grid = size // loaded.vit.patch_size
+
+        stage("trace")
+        axis_dims = {"size": size, "embed_dim": loaded.vit.embed_dim, "layers": len(layers), "grid": grid,
+                     "context_length": loaded.context_length}
+        image_proto = _trace(
+            image_graph, example_image_inputs(size, loaded.vit.embed_dim, 2, 2), IMAGE_GRAPH, axis_dims
+        )
+        ids = loaded.tokenizer(list(VERIFY_PROMPTS[:2]))
+        text_proto = _trace(text_graph, (ids,), TEXT_GRAPH, axis_dims)
+        opset = next(o.version for o in image_proto.opset_import if o.domain in ("", "ai.onnx"))
+
+        meta = ModelMetadata(
+            model_name=loaded.model_name,
+            pretrained=loaded.pretrained,
+            checkpoint_sha256=loaded.checkpoint_sha256,
+            open_clip_version=OPEN_CLIP_VERSION,
+            exporter_version=__version__,
+            torch_version=torch.__version__,
+            opset=opset,
+            image_size=size,
+            patch_size=loaded.vit.patch_size,
+            grid_size=grid,
+            num_layers=loaded.vit.num_layers,
+            layers=layers,
+            width=loaded.vit.width,
+            heads=loaded.vit.heads,
+            embed_dim=loaded.vit.embed_dim,
+            logit_scale=loaded.logit_scale,
+            activation=loaded.vit.activation,
+            preprocess=preprocess,
+            tokenizer=write_tokenizer(loaded, tmp),
+            extra={"created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        )
+
+        stage("check")
+        embedded = meta.to_json(with_files=False)
+        _save(image_proto, tmp / IMAGE_GRAPH.filename, embedded, _param_bytes(image_graph))
+        _save(text_proto, tmp / TEXT_GRAPH.filename, embedded, _param_bytes(text_graph))
+        if settings.verify:
+            diffs = verify_export(tmp, loaded, size, layers)
+            meta = replace(meta, extra={**meta.extra, "verification_max_abs_diff": diffs})
+
+        stage("write")
+        rel = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+        entries = {r: FileEntry(r, sha256_file(tmp / r), (tmp / r).stat().st_size) for r in rel}
+        meta = replace(meta, files=entries)
+        (tmp / METADATA_FILE).write_text(meta.to_json(), encoding="utf-8")
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename tmp to target; an existing target is moved aside first and removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{tmp.name[-8:]}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

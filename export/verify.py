@@ -1,0 +1,65 @@
+"""Check exported ONNX files under onnxruntime against the autograd reference and open_clip.
+
+Every output is compared; all mismatches are collected and raised as one VerificationError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from legrad_runtime.errors import VerificationError
+from legrad_runtime.metadata import IMAGE_GRAPH, TEXT_GRAPH
+
+from .graphs import example_image_inputs
+from .load import LoadedModel
+from .reference import legrad_reference
+
+__all__ = ["VERIFY_PROMPTS", "verify_export"]
+
+VERIFY_PROMPTS = ("a photo of a cat", "a remote control", "two dogs playing in the snow, at night!")
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def verify_export(
+    folder: Path,
+    loaded: LoadedModel,
+    image_size: int,
+    layers: tuple[int, ...],
+    batch: int = 2,
+    prompts: int = 3,
+) -> dict[str, float]:
+    """Max abs difference of every output; raises VerificationError if any exceeds its tolerance."""
+    pixels, text = example_image_inputs(image_size, loaded.vit.embed_dim, batch, prompts, seed=1234)
+    got = _session(folder / IMAGE_GRAPH.filename).run(
+        IMAGE_GRAPH.output_names, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()}
+    )
+    ref = legrad_reference(loaded.model, pixels, text, layers)
+    expected = {"heatmaps": ref.heatmaps, "layer_maps": ref.layer_maps, "image_embeds": ref.image_embeds}
+
+    ids = loaded.tokenizer(list(VERIFY_PROMPTS))
+    got_text = _session(folder / TEXT_GRAPH.filename).run(TEXT_GRAPH.output_names, {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        expected["text_embeds"] = loaded.model.encode_text(ids, normalize=True)
+
+    diffs, failures = {}, []
+    outputs = dict(zip(IMAGE_GRAPH.output_names, got)) | dict(zip(TEXT_GRAPH.output_names, got_text))
+    for spec in IMAGE_GRAPH.outputs + TEXT_GRAPH.outputs:
+        want = expected[spec.name].detach().numpy()
+        have = outputs[spec.name]
+        if have.shape != want.shape:
+            failures.append(f"{spec.name}: shape {have.shape} != reference {want.shape}")
+            continue
+        diff = float(np.abs(have - want).max()) if have.size else 0.0
+        diffs[spec.name] = diff
+        if not np.isfinite(have).all() or diff > spec.atol:
+            failures.append(f"{spec.name}: max abs diff {diff:.3g} > {spec.atol:g}")
+    if failures:
+        raise VerificationError("exported graphs disagree with the reference: " + "; ".join(failures))
+    return diffs

@@ -1,0 +1,39 @@
+"""Typed errors raised by both the exporter and the runtime.
+
+Every error says what is wrong and how to fix it; callers catch these, never bare exceptions.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LegradError",
+    "ModelFolderError",
+    "SchemaVersionError",
+    "ExportError",
+    "UnsupportedModelError",
+    "VerificationError",
+]
+
+
+class LegradError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ModelFolderError(LegradError, ValueError):
+    """An exported model folder is missing, incomplete, altered or has unreadable metadata."""
+
+
+class SchemaVersionError(ModelFolderError):
+    """The folder's metadata was written by a newer schema than this runtime understands."""
+
+
+class ExportError(LegradError):
+    """The exporter cannot do what was asked (bad model name, weights, size, output folder...)."""
+
+
+class UnsupportedModelError(ExportError, ValueError):
+    """The model exists but its image tower is not a plain OpenCLIP ViT that LeGrad supports."""
+
+
+class VerificationError(ExportError):
+    """Exported graphs disagree with the autograd reference beyond tolerance."""
