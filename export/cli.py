@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.model:
         parser.error("--model is required (e.g. --model ViT-B-16); see --list-models")
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs routine notes as warnings
+    for name in ("", "huggingface_hub"):  # open_clip and the hub log retries and notes; we report errors
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
     stages = _Stages(console)
     try:
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages.close(ok=True)
     print(folder)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import pickle
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import open_clip
 import torch
 import torch.nn as nn
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
@@ -29,11 +34,27 @@ from legrad_runtime.metadata import TokenizerCfg, sha256_file
 
 from .vit import ViTConfig
 
-__all__ = ["LoadedModel", "list_vit_models", "load_openclip", "wrap_openclip", "describe_vit", "write_tokenizer"]
+__all__ = [
+    "LoadedModel",
+    "list_vit_models",
+    "load_openclip",
+    "wrap_openclip",
+    "describe_vit",
+    "write_tokenizer",
+]
 
 OPEN_CLIP_VERSION = open_clip.__version__
 _SCHEMAS = ("local-dir:", "hf-hub:")
-_CHECKPOINT_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError)
+# what open_clip's create_model raises on a bad or mismatched checkpoint (its resize helpers assert)
+_CHECKPOINT_ERRORS = (
+    RuntimeError,
+    AssertionError,
+    KeyError,
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    OSError,
+)
 
 
 @dataclass(frozen=True)
@@ -54,39 +75,78 @@ class LoadedModel:
         return float(self.model.logit_scale.exp().item())
 
 
+def _is_plain_vit(cfg: dict) -> bool:
+    vision = cfg.get("vision_cfg", {})
+    plain = isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
+    custom = any(vision.get(k) for k in ("attentional_pool", "qk_norm", "scaled_cosine_attn", "scale_attn"))
+    return plain and not custom and "multimodal_cfg" not in cfg
+
+
 def list_vit_models() -> list[str]:
     """open_clip model names whose image tower is a plain ViT (what this exporter supports)."""
-    names = []
-    for name in open_clip.list_models():
-        cfg = open_clip.get_model_config(name) or {}
-        vision = cfg.get("vision_cfg", {})
-        plain = isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
-        custom = any(vision.get(k) for k in ("attentional_pool", "qk_norm", "scaled_cosine_attn", "scale_attn"))
-        if plain and not custom and "multimodal_cfg" not in cfg:
-            names.append(name)
-    return names
+    return [n for n in open_clip.list_models() if _is_plain_vit(open_clip.get_model_config(n) or {})]
 
 
 def _suggest(name: str) -> str:
     models = open_clip.list_models()
-    close = difflib.get_close_matches(name, models, n=5, cutoff=0.6)
-    close += [m for m in models if m.lower() == name.lower() and m not in close]
+    close = [m for m in models if m.lower() == name.lower()]
+    close += [m for m in difflib.get_close_matches(name, models, n=5, cutoff=0.6) if m not in close]
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return f"unknown model {name!r}; {hint}see `legrad-export --list-models` for all names"
 
 
-def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, str, str | None, bool]:
+def _check_download_possible(model_name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> None:
+    """Fail in seconds, not after a minute of retries, when uncached weights cannot be fetched."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return  # huggingface_hub then fails fast by itself
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names):
+            return
+        host = urlparse(hf_constants.ENDPOINT).hostname
+    else:
+        url = tag_cfg.get("url", "")
+        cached = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(url)
+        if not url or cached.is_file():
+            return
+        host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise ExportError(_no_network_message(model_name, tag)) from None
+
+
+def _no_network_message(model_name: str, tag: str) -> str:
+    quick = bool(get_pretrained_cfg(model_name, tag).get("quick_gelu")) and not model_name.endswith(
+        "-quickgelu"
+    )
+    name = f"{model_name}-quickgelu" if quick else model_name  # a file alone cannot tell it needs QuickGELU
+    return (
+        f"could not download pretrained weights {tag!r} for {model_name} (no network?). "
+        f"Download the checkpoint where you have network and pass its path: "
+        f"legrad-export --model {name} --pretrained /path/to/open_clip_model.safetensors"
+    )
+
+
+def _resolve_pretrained(
+    model_name: str, pretrained: str, cache_dir: str | None
+) -> tuple[str | None, str, str | None, bool]:
     """(value for open_clip, label for metadata, checkpoint sha256, needs QuickGELU)."""
     if pretrained.lower() in ("", "none", "random"):
         return None, "none", None, False
     tag_cfg = get_pretrained_cfg(model_name, pretrained)
     if tag_cfg:
+        _check_download_possible(model_name, pretrained, tag_cfg, cache_dir)
         return pretrained, pretrained, None, bool(tag_cfg.get("quick_gelu", False))
     path = Path(pretrained).expanduser()
     if path.is_file():
         return str(path), path.name, sha256_file(path), False
     tags = list_pretrained_tags_by_model(model_name)
-    known = f"known tags for {model_name}: {', '.join(tags)}" if tags else f"{model_name} has no open_clip tags"
+    known = (
+        f"known tags for {model_name}: {', '.join(tags)}" if tags else f"{model_name} has no open_clip tags"
+    )
     raise ExportError(
         f"--pretrained {pretrained!r} is neither an open_clip tag nor an existing file ({known}); "
         "pass a tag, a local checkpoint path, or 'none' for random weights"
@@ -113,7 +173,9 @@ def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str |
     elif schema == "hf-hub:":
         value, label, sha = None, model_name[len("hf-hub:") :], None
     else:
-        value, label, sha, force_quick_gelu = _resolve_pretrained(model_name, pretrained)
+        if not _is_plain_vit(open_clip.get_model_config(model_name) or {}):
+            describe_vit(open_clip.create_model(model_name), model_name)  # fast random build names the tower
+        value, label, sha, force_quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
 
     try:
         model = open_clip.create_model(
@@ -129,8 +191,8 @@ def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str |
 def _explain_load_failure(model_name: str, pretrained: str, value: str | None, exc: Exception) -> ExportError:
     text = str(exc)
     if value is not None and Path(value).is_file():
-        if "Error(s) in loading state_dict" in text:
-            lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        if "Error(s) in loading state_dict" in text or isinstance(exc, (AssertionError, KeyError)):
+            lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()] or [text or type(exc).__name__]
             detail = "; ".join(lines)[:600]
             return ExportError(
                 f"checkpoint {value} does not fit model {model_name} ({detail}); "
@@ -138,11 +200,7 @@ def _explain_load_failure(model_name: str, pretrained: str, value: str | None, e
             )
         return ExportError(f"cannot read checkpoint {value} ({type(exc).__name__}: {text[:300]})")
     if value is not None or model_name.startswith("hf-hub:"):
-        return ExportError(
-            f"could not download pretrained weights {pretrained!r} for {model_name} (no network?). "
-            f"Download the checkpoint where you have network and pass its path: "
-            f"legrad-export --model {model_name} --pretrained /path/to/open_clip_model.safetensors"
-        )
+        return ExportError(_no_network_message(model_name, pretrained))
     return ExportError(f"could not build {model_name}: {type(exc).__name__}: {text[:300]}")
 
 
@@ -156,7 +214,9 @@ def describe_vit(model: nn.Module, model_name: str = "model") -> ViTConfig:
             "LeGrad export supports ViT towers such as ViT-B-16 (ResNet, ConvNeXt and timm towers are not)"
         )
     if visual.attn_pool is not None:
-        raise UnsupportedModelError(f"{model_name} pools with an attentional pooler (CoCa); not supported yet")
+        raise UnsupportedModelError(
+            f"{model_name} pools with an attentional pooler (CoCa); not supported yet"
+        )
     blocks = list(visual.transformer.resblocks)
     odd = {type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock}
     if odd:
@@ -176,7 +236,9 @@ def describe_vit(model: nn.Module, model_name: str = "model") -> ViTConfig:
     patch_h, patch_w = visual.patch_size
     grid_h, grid_w = visual.grid_size
     if patch_h != patch_w or grid_h != grid_w:
-        raise UnsupportedModelError(f"{model_name} has non-square patches or grid; only square ones supported")
+        raise UnsupportedModelError(
+            f"{model_name} has non-square patches or grid; only square ones supported"
+        )
     return ViTConfig(
         width=visual.transformer.width,
         heads=blocks[0].attn.num_heads,
@@ -232,7 +294,11 @@ def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     return dict(loaded.model.visual.state_dict())
 
 
-_CLEAN_NAMES = {"_clean_lower": "lower", "_clean_whitespace": "whitespace", "_clean_canonicalize": "canonicalize"}
+_CLEAN_NAMES = {
+    "_clean_lower": "lower",
+    "_clean_whitespace": "whitespace",
+    "_clean_canonicalize": "canonicalize",
+}
 
 
 def write_tokenizer(loaded: LoadedModel, folder: Path) -> TokenizerCfg:
@@ -246,7 +312,9 @@ def write_tokenizer(loaded: LoadedModel, folder: Path) -> TokenizerCfg:
         lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
         (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         clean = _CLEAN_NAMES.get(getattr(tok.clean_fn, "__name__", ""), "lower")
-        return TokenizerCfg("clip-bpe", loaded.context_length, ("tokenizer/vocab.json", "tokenizer/merges.txt"), clean)
+        return TokenizerCfg(
+            "clip-bpe", loaded.context_length, ("tokenizer/vocab.json", "tokenizer/merges.txt"), clean
+        )
     if isinstance(tok, HFTokenizer):
         written = tok.tokenizer.save_pretrained(str(out))
         files = tuple(sorted(f"tokenizer/{Path(p).name}" for p in written if Path(p).is_file()))

@@ -95,10 +95,7 @@ def _quiet() -> Iterator[None]:
 
 def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, axis_dims: dict) -> onnx.ModelProto:
     dims = {axis: torch.export.Dim(axis) for axis in spec.dynamic_axes}
-    dynamic_shapes = {
-        t.name: {i: dims[a] for i, a in enumerate(t.shape) if a in dims}
-        for t in spec.inputs
-    }
+    dynamic_shapes = {t.name: {i: dims[a] for i, a in enumerate(t.shape) if a in dims} for t in spec.inputs}
     with _quiet():
         program = torch.onnx.export(
             module,
@@ -126,7 +123,11 @@ def _save(proto: onnx.ModelProto, path: Path, metadata_json: str, param_bytes: i
         onnx.save_model(proto, str(path))
     else:  # over protobuf's 2 GB limit: weights in one side file
         onnx.save_model(
-            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
         )
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -170,8 +171,13 @@ def export_model(
         grid = size // loaded.vit.patch_size
 
         stage("trace")
-        axis_dims = {"size": size, "embed_dim": loaded.vit.embed_dim, "layers": len(layers), "grid": grid,
-                     "context_length": loaded.context_length}
+        axis_dims = {
+            "size": size,
+            "embed_dim": loaded.vit.embed_dim,
+            "layers": len(layers),
+            "grid": grid,
+            "context_length": loaded.context_length,
+        }
         image_proto = _trace(
             image_graph, example_image_inputs(size, loaded.vit.embed_dim, 2, 2), IMAGE_GRAPH, axis_dims
         )
@@ -203,7 +209,7 @@ def export_model(
         )
 
         stage("check")
-        embedded = meta.to_json(with_files=False)
+        embedded = meta.to_json(embedded=True)
         _save(image_proto, tmp / IMAGE_GRAPH.filename, embedded, _param_bytes(image_graph))
         _save(text_proto, tmp / TEXT_GRAPH.filename, embedded, _param_bytes(text_graph))
         if settings.verify:

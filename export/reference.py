@@ -37,7 +37,11 @@ def _embed(visual, pixel_values: torch.Tensor) -> torch.Tensor:
     pos = visual.positional_embedding
     if pos.shape[0] != grid * grid + 1:
         pos = resample_abs_pos_embed(
-            pos.unsqueeze(0), new_size=[grid, grid], num_prefix_tokens=1, interpolation="bicubic", antialias=True
+            pos.unsqueeze(0),
+            new_size=[grid, grid],
+            num_prefix_tokens=1,
+            interpolation="bicubic",
+            antialias=True,
         ).squeeze(0)
     x = visual.conv1(pixel_values).flatten(2).transpose(1, 2)  # (B, g*g, D)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)

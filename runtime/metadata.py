@@ -33,7 +33,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "legrad.json"
-ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON, minus `files`, inside each ONNX file
+ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, minus `files` and `extra`
 
 RESIZE_MODES = ("shortest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -161,14 +161,16 @@ class ModelMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self, *, with_files: bool = True) -> dict[str, Any]:
+    def to_dict(self, *, embedded: bool = False) -> dict[str, Any]:
+        """As JSON-ready dict; `embedded` drops what depends on the written files (files, extra)."""
         data = asdict(self)
-        if not with_files:
+        if embedded:
             data.pop("files")
+            data.pop("extra")
         return data
 
-    def to_json(self, *, with_files: bool = True) -> str:
-        return json.dumps(self.to_dict(with_files=with_files), indent=2)
+    def to_json(self, *, embedded: bool = False) -> str:
+        return json.dumps(self.to_dict(embedded=embedded), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> ModelMetadata:

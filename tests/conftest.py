@@ -1,0 +1,1 @@
+"""Shared fixtures. Torch-side fixtures live in tests/export/conftest.py so runtime tests stay torch-free."""

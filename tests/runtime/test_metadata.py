@@ -1,0 +1,101 @@
+"""The metadata schema: round trip, validation, checksums. Torch-free (runs in the lean venv too)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from legrad_runtime.errors import ModelFolderError, SchemaVersionError
+from legrad_runtime.metadata import (
+    METADATA_FILE,
+    SCHEMA_VERSION,
+    FileEntry,
+    ModelMetadata,
+    PreprocessCfg,
+    TokenizerCfg,
+    read_metadata,
+    sha256_file,
+    verify_files,
+)
+
+
+def _folder(tmp_path):
+    (tmp_path / "weights.onnx").write_bytes(b"\x08\x01graph")
+    entry = FileEntry("weights.onnx", sha256_file(tmp_path / "weights.onnx"), 7)
+    meta = ModelMetadata(
+        model_name="ViT-B-16",
+        pretrained="none",
+        checkpoint_sha256=None,
+        open_clip_version="3.3.0",
+        exporter_version="0.1.0",
+        torch_version="2.14.1",
+        opset=20,
+        image_size=448,
+        patch_size=16,
+        grid_size=28,
+        num_layers=12,
+        layers=(10, 11),
+        width=768,
+        heads=12,
+        embed_dim=512,
+        logit_scale=100.0,
+        activation="gelu",
+        preprocess=PreprocessCfg(448, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)),
+        tokenizer=TokenizerCfg("clip-bpe", 77, ("tokenizer/vocab.json",)),
+        files={"weights.onnx": entry},
+    )
+    (tmp_path / METADATA_FILE).write_text(meta.to_json())
+    return meta
+
+
+def test_metadata_round_trips_through_json(tmp_path):
+    meta = _folder(tmp_path)
+    assert read_metadata(tmp_path) == meta
+    verify_files(tmp_path, meta)
+    assert "files" not in json.loads(meta.to_json(embedded=True))
+
+
+def test_newer_schema_is_refused_with_upgrade_hint(tmp_path):
+    _folder(tmp_path)
+    data = json.loads((tmp_path / METADATA_FILE).read_text())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))
+    with pytest.raises(SchemaVersionError, match="upgrade legrad-onnx"):
+        read_metadata(tmp_path)
+
+
+def test_missing_fields_and_bad_json_are_named(tmp_path):
+    _folder(tmp_path)
+    data = json.loads((tmp_path / METADATA_FILE).read_text())
+    del data["layers"], data["embed_dim"]
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelFolderError, match="layers, embed_dim"):
+        read_metadata(tmp_path)
+    (tmp_path / METADATA_FILE).write_text("{not json")
+    with pytest.raises(ModelFolderError, match="not valid JSON"):
+        read_metadata(tmp_path)
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        read_metadata(tmp_path / "nowhere")
+
+
+def test_altered_or_missing_files_are_reported_together(tmp_path):
+    meta = _folder(tmp_path)
+    (tmp_path / "weights.onnx").write_bytes(b"\x08\x01graph!")
+    extra = FileEntry("text.onnx", "0" * 64, 3)
+    meta = ModelMetadata(**{**meta.__dict__, "files": {**meta.files, "text.onnx": extra}})
+    with pytest.raises(ModelFolderError, match="weights.onnx .* altered.*text.onnx .* missing"):
+        verify_files(tmp_path, meta)
+
+
+def test_bad_resize_mode_is_a_value_error_naming_the_choices():
+    with pytest.raises(ValueError, match="'crop'.*shortest"):
+        PreprocessCfg(224, (0.5,) * 3, (0.5,) * 3, resize_mode="crop")
+
+
+def test_importing_the_runtime_never_imports_torch():
+    code = "import sys, legrad_runtime, legrad_runtime.metadata; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
