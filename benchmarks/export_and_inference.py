@@ -2,7 +2,8 @@
 
     python benchmarks/export_and_inference.py --model ViT-B-16 --image-size 224 --batch 4 --prompts 4
 
-Rows (the whole workload: B images × P prompts, median of --repeats after one warm-up):
+Rows (the whole workload: B images × P prompts; one warm-up, then the median of --repeats
+interleaved rounds; the machine's load average is printed since other work skews timings):
   (a) plain ONNX image-embedding forward (onnxruntime CPU)   (b) our LeGrad ONNX graph
   (c) our autograd reference, legrad_reference               (d) the authors' approach, emulated
 Random weights (pretrained='none'): speed does not depend on the weights.
@@ -51,15 +52,18 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """One warm-up call, then the median wall time of `repeats` calls."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(methods: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """One warm-up call each, then `repeats` rounds calling each method once (interleaved, so a
+    change in background load hits every method alike); the median wall time per method."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def timed_export(model_name: str, size: int, out: Path) -> tuple[LoadedModel, Path, dict[str, float]]:
@@ -197,7 +201,9 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "(c) autograd reference (PyTorch)": lambda: legrad_reference(model, pixels, text, LAYER_INDEX),
         AUTHORS: authors_all,
     }
-    seconds = {name: median_seconds(fn, args.repeats) for name, fn in methods.items()}
+    load_before = os.getloadavg()[0]
+    seconds = median_seconds(methods, args.repeats)
+    load_after = os.getloadavg()[0]
 
     ref = legrad_reference(model, pixels, text, LAYER_INDEX)
     heatmaps, embeds = legrad.run(["heatmaps", "image_embeds"], feeds)
@@ -214,6 +220,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "processor": platform.processor() or platform.machine(),
             "nproc": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(),
+            "loadavg_1min_before_after_timing": [load_before, load_after],
         },
         "versions": {
             "torch": torch.__version__,
@@ -241,7 +248,8 @@ def print_report(r: dict[str, Any]) -> None:
     m, s, seconds = r["machine"], r["settings"], r["median_seconds"]
     print(
         f"\nmachine: {m['platform']} ({m['processor']}), nproc={m['nproc']}, "
-        f"torch threads={m['torch_threads']}"
+        f"torch threads={m['torch_threads']}; 1-min load average before/after timing: "
+        + "/".join(f"{x:.2f}" for x in m["loadavg_1min_before_after_timing"])
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     print(

@@ -93,7 +93,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, axis_dims: dict) -> onnx.ModelProto:
+def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec) -> onnx.ModelProto:
     dims = {axis: torch.export.Dim(axis) for axis in spec.dynamic_axes}
     dynamic_shapes = {t.name: {i: dims[a] for i, a in enumerate(t.shape) if a in dims} for t in spec.inputs}
     with _quiet():
@@ -107,13 +107,7 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, axis_dims: dic
             external_data=False,
             verbose=False,
         )
-    proto = program.model_proto
-    for out in proto.graph.output:  # name the static axes the contract names too, for readers
-        tensor = next(t for t in spec.outputs if t.name == out.name)
-        for dim, axis in zip(out.type.tensor_type.shape.dim, tensor.shape):
-            if isinstance(axis, str) and axis not in dims and axis in axis_dims:
-                dim.dim_value = axis_dims[axis]
-    return proto
+    return program.model_proto
 
 
 def _save(proto: onnx.ModelProto, path: Path, metadata_json: str, param_bytes: int) -> None:
@@ -171,18 +165,9 @@ def export_model(
         grid = size // loaded.vit.patch_size
 
         stage("trace")
-        axis_dims = {
-            "size": size,
-            "embed_dim": loaded.vit.embed_dim,
-            "layers": len(layers),
-            "grid": grid,
-            "context_length": loaded.context_length,
-        }
-        image_proto = _trace(
-            image_graph, example_image_inputs(size, loaded.vit.embed_dim, 2, 2), IMAGE_GRAPH, axis_dims
-        )
+        image_proto = _trace(image_graph, example_image_inputs(size, loaded.vit.embed_dim, 2, 2), IMAGE_GRAPH)
         ids = loaded.tokenizer(list(VERIFY_PROMPTS[:2]))
-        text_proto = _trace(text_graph, (ids,), TEXT_GRAPH, axis_dims)
+        text_proto = _trace(text_graph, (ids,), TEXT_GRAPH)
         opset = next(o.version for o in image_proto.opset_import if o.domain in ("", "ai.onnx"))
 
         meta = ModelMetadata(

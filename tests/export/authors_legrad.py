@@ -1,0 +1,28 @@
+"""Run the authors' released LeGrad (legrad_torch 1.1 on open_clip 2.23.0) on saved inputs.
+
+Executed as a subprocess whose PYTHONPATH puts those two packages first; never imported by the
+suite. Usage: python authors_legrad.py JOB.pt OUT.pt, where JOB holds model_name, weights (a state
+dict file), pixel_values (B,3,S,S), text_embeds (P,E) and layer_index.
+"""
+
+import sys
+
+import open_clip
+import torch
+from legrad import LeWrapper
+
+
+def main(job_path: str, out_path: str) -> None:
+    job = torch.load(job_path)
+    model = open_clip.create_model(job["model_name"])
+    model.load_state_dict(torch.load(job["weights"]))
+    model = LeWrapper(model.eval(), layer_index=job["layer_index"])
+    maps = [
+        model.compute_legrad(text_embedding=job["text_embeds"], image=img[None])
+        for img in job["pixel_values"]
+    ]
+    torch.save(torch.cat(maps).detach(), out_path)  # (B, P, S, S): their code runs one image at a time
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,100 @@
+"""Our reference and our closed form against the authors' released code on the same weights.
+
+The authors' `legrad_torch` 1.1 pins open_clip ≤ 2.23.0. Both are installed with pip `--target`
+into `.authors-site/` (git-ignored) and run in a subprocess with that folder first on PYTHONPATH,
+next to this suite's torch. Skipped only if pip cannot reach the package registry.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from conftest import random_inputs
+from legrad_export.graphs import build_image_graph
+from legrad_export.layers import resolve_layers
+from legrad_export.load import wrap_openclip
+from legrad_export.reference import legrad_reference
+
+pytestmark = pytest.mark.torch
+
+HERE = Path(__file__).parent
+SITE = HERE.parent.parent / ".authors-site"
+PACKAGES = [
+    "open_clip_torch==2.23.0",
+    "legrad_torch==1.1",
+    "einops",
+    "opencv-python-headless",
+    # matplotlib and what it needs beyond numpy/pillow/packaging (it is imported by legrad.utils)
+    "matplotlib",
+    "contourpy",
+    "cycler",
+    "fonttools",
+    "kiwisolver",
+    "pyparsing",
+    "python-dateutil",
+    "six",
+]
+
+
+@pytest.fixture(scope="session")
+def authors_site() -> Path:
+    done = SITE / ".installed"
+    if not done.exists():
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(SITE)]
+        result = subprocess.run(cmd + PACKAGES, capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot install the authors' code: {result.stderr.strip()[-300:]}")
+        done.touch()
+    return SITE
+
+
+# (open_clip model name, image size, the authors' layer_index)
+CASES = [("ViT-B-32-quickgelu", 224, -2), ("ViT-B-16", 448, -2), ("ViT-B-32", 224, 8)]
+
+
+@pytest.mark.parametrize(("name", "size", "layer_index"), CASES)
+def test_maps_equal_the_authors_code(name, size, layer_index, authors_site, tmp_path):
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    pixels, text = random_inputs(2, 3, size, model.visual.proj.shape[1], seed=5)
+    job, out = tmp_path / "job.pt", tmp_path / "out.pt"
+    torch.save(
+        {
+            "model_name": name,
+            "weights": str(weights),
+            "pixel_values": pixels,
+            "text_embeds": text,
+            "layer_index": layer_index,
+        },
+        job,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(authors_site), str(HERE)])}
+    run = subprocess.run(
+        [sys.executable, str(HERE / "authors_legrad.py"), str(job), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = torch.load(out)
+
+    ref = legrad_reference(model, pixels, text, layer_index)
+    loaded = wrap_openclip(model, name, tokenizer=object())
+    with torch.no_grad():
+        ours, _, _ = build_image_graph(loaded, size, resolve_layers(layer_index, loaded.vit.num_layers))(
+            pixels, text
+        )
+    assert theirs.shape == ref.heatmaps.shape == (2, 3, size, size)
+    span = theirs.flatten(2).amax(-1) - theirs.flatten(2).amin(-1)
+    assert torch.isfinite(theirs).all() and torch.allclose(span, torch.ones_like(span))  # real, min-max maps
+    assert (ref.heatmaps - theirs).abs().max() <= 1e-5
+    assert (ours - theirs).abs().max() <= 1e-5
