@@ -1,6 +1,19 @@
-"""legrad_runtime: torch-free LeGrad heatmaps from an exported model folder."""
+"""legrad_runtime: torch-free LeGrad heatmaps from an exported model folder.
 
-from .errors import LegradError, ModelFolderError, SchemaVersionError
+from legrad_runtime import load
+model = load("models/ViT-B-16__laion2b_s34b_b88k__448")
+result = model.explain(["cat.jpg"], ["a photo of a cat", "a remote control"])
+"""
+
+from .errors import (
+    DeviceFallbackWarning,
+    ImageInputError,
+    InputError,
+    LegradError,
+    ModelFolderError,
+    PromptError,
+    SchemaVersionError,
+)
 from .metadata import SCHEMA_VERSION, ModelMetadata, read_metadata, verify_files
 
 __version__ = "0.1.0"
@@ -8,10 +21,27 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "SCHEMA_VERSION",
+    "load",
+    "LeGradModel",
+    "Explanation",
+    "ImageFailure",
     "LegradError",
     "ModelFolderError",
     "SchemaVersionError",
+    "InputError",
+    "ImageInputError",
+    "PromptError",
+    "DeviceFallbackWarning",
     "ModelMetadata",
     "read_metadata",
     "verify_files",
 ]
+
+
+def __getattr__(name: str):
+    # the session pulls in onnxruntime; importing the package for the schema alone stays light
+    if name in ("load", "LeGradModel", "Explanation", "ImageFailure"):
+        from . import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module 'legrad_runtime' has no attribute {name!r}")

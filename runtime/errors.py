@@ -12,6 +12,10 @@ __all__ = [
     "ExportError",
     "UnsupportedModelError",
     "VerificationError",
+    "InputError",
+    "ImageInputError",
+    "PromptError",
+    "DeviceFallbackWarning",
 ]
 
 
@@ -37,3 +41,26 @@ class UnsupportedModelError(ExportError, ValueError):
 
 class VerificationError(ExportError):
     """Exported graphs disagree with the autograd reference beyond tolerance."""
+
+
+class InputError(LegradError, ValueError):
+    """Bad input to the runtime (images, prompts, embeddings, options)."""
+
+
+class ImageInputError(InputError):
+    """An image cannot be used: missing, unreadable, corrupt, not an image, or empty.
+
+    `source` names the offending input (a path, or 'image #i' for in-memory images).
+    """
+
+    def __init__(self, message: str, source: str | None = None):
+        super().__init__(message)
+        self.source = source
+
+
+class PromptError(InputError):
+    """Prompts or text embeddings cannot be used (empty list, empty string, wrong width...)."""
+
+
+class DeviceFallbackWarning(UserWarning):
+    """device='cuda' was asked for but the CUDA provider is unavailable: running on CPU."""

@@ -1,1 +1,36 @@
-"""Shared fixtures. Torch-side fixtures live in tests/export/conftest.py so runtime tests stay torch-free."""
+"""Shared fixtures, torch-free: the runtime tests run in a venv without torch too.
+
+`model_folders` are exported tiny models, one per resize mode. In the lean CI venv they come from
+LEGRAD_TEST_MODEL_DIR (exported earlier in the same CI run by `python tests/tiny_models.py DIR`);
+elsewhere they are exported here, which needs torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # every test under tests/export/ needs torch
+        if "tests/export/" in item.nodeid or item.nodeid.startswith("export/"):
+            item.add_marker(pytest.mark.torch)
+
+
+@pytest.fixture(scope="session")
+def model_folders(tmp_path_factory) -> dict[str, Path]:
+    env = os.environ.get("LEGRAD_TEST_MODEL_DIR")
+    if env:
+        root = Path(env)
+        return {mode: next((root / mode).iterdir()) for mode in ("squash", "shortest")}
+    pytest.importorskip("torch", reason="set LEGRAD_TEST_MODEL_DIR or install the export extra")
+    from tiny_models import export_runtime_folders
+
+    return export_runtime_folders(tmp_path_factory.mktemp("runtime_models"))
+
+
+@pytest.fixture(scope="session")
+def model_folder(model_folders) -> Path:
+    return model_folders["squash"]

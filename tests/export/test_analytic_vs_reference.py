@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_VARIANTS, build_tiny_model, random_inputs
 from legrad_export.graphs import build_image_graph
 from legrad_export.layers import resolve_layers
 from legrad_export.legrad import min_max
 from legrad_export.load import load_openclip, wrap_openclip
 from legrad_export.reference import legrad_reference
+from tiny_models import TINY_VARIANTS, build_tiny_model, random_inputs
 
 pytestmark = pytest.mark.torch
 ATOL = 1e-5

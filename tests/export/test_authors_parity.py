@@ -16,11 +16,11 @@ import open_clip
 import pytest
 import torch
 
-from conftest import random_inputs
 from legrad_export.graphs import build_image_graph
 from legrad_export.layers import resolve_layers
 from legrad_export.load import wrap_openclip
 from legrad_export.reference import legrad_reference
+from tiny_models import random_inputs
 
 pytestmark = pytest.mark.torch
 

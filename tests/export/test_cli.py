@@ -10,12 +10,12 @@ import open_clip
 import pytest
 import torch
 
-from conftest import build_tiny_model, random_inputs
 from legrad_export.cli import main
 from legrad_export.load import load_openclip
 from legrad_export.onnx_export import ExportSettings, export_model
 from legrad_runtime.errors import ExportError
 from legrad_runtime.metadata import IMAGE_GRAPH, read_metadata, verify_files
+from tiny_models import build_tiny_model, random_inputs
 
 pytestmark = pytest.mark.torch
 

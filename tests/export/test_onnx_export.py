@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import random_inputs
 from legrad_export.layers import resolve_layers
 from legrad_export.load import load_openclip
 from legrad_export.onnx_export import ExportSettings, export_model
@@ -24,6 +23,7 @@ from legrad_runtime.metadata import (
     sha256_file,
     verify_files,
 )
+from tiny_models import random_inputs
 
 pytestmark = pytest.mark.torch
 

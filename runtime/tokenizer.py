@@ -1,0 +1,131 @@
+"""Prompts → `input_ids`, identical to open_clip's SimpleTokenizer, without torch.
+
+The byte-level BPE runs in HF `tokenizers` (Rust) on the files the exporter wrote (`vocab.json`,
+`merges.txt`). What HF would do differently from open_clip is done here in Python, exactly as
+open_clip does it: the text cleaning (ftfy, html.unescape twice, whitespace collapse, lower-case),
+the special tokens, and the truncation that keeps `<end_of_text>` last.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import ftfy
+import numpy as np
+from tokenizers import Regex, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import ModelFolderError, PromptError
+from .metadata import TokenizerCfg
+
+__all__ = ["Tokenizer"]
+
+SOT, EOT = "<start_of_text>", "<end_of_text>"
+# open_clip's `pat` (compiled there with re.IGNORECASE), with its special tokens in front
+_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _basic_clean(text: str) -> str:
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _whitespace_clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _clean_lower(text: str) -> str:
+    return _whitespace_clean(_basic_clean(text)).lower()
+
+
+def _clean_whitespace(text: str) -> str:
+    return _whitespace_clean(_basic_clean(text))
+
+
+def _clean_canonicalize(text: str) -> str:  # open_clip's canonicalize_text, after basic_clean
+    text = _basic_clean(text).replace("_", " ").translate(_PUNCTUATION).lower()
+    return _whitespace_clean(text)
+
+
+CLEAN_FNS = {"lower": _clean_lower, "whitespace": _clean_whitespace, "canonicalize": _clean_canonicalize}
+
+
+class Tokenizer:
+    """open_clip's CLIP BPE tokenizer: `tok(texts)` → int64 ids of shape (len(texts), context_length)."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], cfg: TokenizerCfg):
+        if cfg.clean not in CLEAN_FNS:
+            raise ModelFolderError(
+                f"unsupported tokenizer clean {cfg.clean!r}; expected one of {tuple(CLEAN_FNS)}"
+            )
+        if SOT not in vocab or EOT not in vocab:
+            raise ModelFolderError(f"tokenizer vocab has no {SOT!r}/{EOT!r}; not a CLIP BPE vocab")
+        self.context_length = cfg.context_length
+        self.clean_fn = CLEAN_FNS[cfg.clean]
+        self.sot_token_id, self.eot_token_id = vocab[SOT], vocab[EOT]
+        # open_clip appends its special tokens after the merges, SOT first: every id from SOT on
+        self.special_ids = {t: i for t, i in vocab.items() if i >= self.sot_token_id}
+        specials = "|".join(sorted(self.special_ids, key=self.special_ids.get))
+        self._split = pre_tokenizers.Split(Regex(f"(?i){specials}|{_WORDS}"), "removed", invert=True)
+        bpe = models.BPE(vocab, merges, end_of_word_suffix="</w>")
+        self._bpe = HFTokenizer(bpe)
+        self._bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [self._split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, cfg: TokenizerCfg) -> Tokenizer:
+        """Load the tokenizer files listed in `cfg` from an exported model folder."""
+        folder = Path(folder)
+        if cfg.kind != "clip-bpe":
+            raise ModelFolderError(
+                f"tokenizer kind {cfg.kind!r} in {folder} is not supported by the runtime yet; "
+                "only open_clip's CLIP BPE tokenizer ('clip-bpe') is"
+            )
+        paths = {Path(f).name: folder / f for f in cfg.files}
+        for name in ("vocab.json", "merges.txt"):
+            if name not in paths or not paths[name].is_file():
+                raise ModelFolderError(f"tokenizer file {paths.get(name, name)} is missing; re-export the model")
+        try:
+            vocab = json.loads(paths["vocab.json"].read_text(encoding="utf-8"))
+            lines = paths["merges.txt"].read_text(encoding="utf-8").splitlines()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFolderError(f"unreadable tokenizer file in {folder} ({exc}); re-export") from exc
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+            raise ModelFolderError(f"malformed tokenizer files in {folder}; re-export the model")
+        return cls(vocab, merges, cfg)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without SOT/EOT and untruncated (open_clip's `encode`)."""
+        cleaned = [self.clean_fn(t) for t in texts]
+        ids = [e.ids for e in self._bpe.encode_batch(cleaned)]
+        for i, text in enumerate(cleaned):
+            if any(s in text for s in self.special_ids):
+                ids[i] = self._encode_with_specials(text)
+        return ids
+
+    def _encode_with_specials(self, text: str) -> list[int]:
+        """A prompt that spells out a special token: open_clip maps such a word to its id, not to BPE."""
+        ids: list[int] = []
+        for word, _ in self._split.pre_tokenize_str(text):
+            special = self.special_ids.get(word)
+            ids.extend([special] if special is not None else self._bpe.encode([word], is_pretokenized=True).ids)
+        return ids
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """int64 (len(texts), context_length): SOT, ids, EOT, zero padding; long texts keep EOT last."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single str; wrap it in a list")
+        if not all(isinstance(t, str) for t in texts):
+            raise PromptError(f"every prompt must be a str; got {[type(t).__name__ for t in texts]}")
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, ids in zip(out, self.encode(texts)):
+            tokens = [self.sot_token_id, *ids, self.eot_token_id][: self.context_length]
+            tokens[-1] = self.eot_token_id
+            row[: len(tokens)] = tokens
+        return out

@@ -1,0 +1,201 @@
+"""Colormaps, overlays, the per-layer figure and grids. Torch-free (numpy + PIL only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from legrad_runtime.visualize import COLORMAPS, colorize, grid, layer_figure, overlay, save_png
+
+
+def _image(width: int = 64, height: int = 48) -> Image.Image:
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).astype(np.uint8))
+
+
+def _blob(n: int = 14) -> np.ndarray:
+    yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
+    return np.exp(-((xx - 0.4) ** 2 + (yy - 0.6) ** 2) / 0.05)
+
+
+@pytest.mark.parametrize("cmap", COLORMAPS)
+def test_colorize_gives_uint8_rgb_of_the_map_shape(cmap):
+    out = colorize(np.random.default_rng(0).random((5, 7)), cmap)
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+
+
+def test_the_required_colormaps_are_available():
+    assert {"jet", "turbo", "viridis", "inferno", "magma", "gray"} <= set(COLORMAPS)
+
+
+def test_gray_runs_from_black_to_white():
+    out = colorize(np.array([[0.0, 1.0]]), "gray")
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, 1].tolist() == [255, 255, 255]
+
+
+def test_jet_is_blue_when_low_and_red_when_high():
+    low, high = colorize(np.array([[0.0, 1.0]]), "jet")[0].astype(int)
+    assert low[2] > 100 and low[0] == 0 and low[1] == 0
+    assert high[0] > 100 and high[1] == 0 and high[2] == 0
+
+
+def test_jet_equals_opencv_colormap_jet():
+    cv2 = pytest.importorskip("cv2")
+    ramp = np.arange(256, dtype=np.uint8)[None, :]
+    expected = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)[..., ::-1]
+    np.testing.assert_array_equal(colorize(ramp / 255.0, "jet"), expected)
+
+
+def test_values_outside_unit_range_are_clipped():
+    out = colorize(np.array([[-3.0, 0.0, 1.0, 7.0]]), "gray")[0, :, 0]
+    assert out.tolist() == [0, 0, 255, 255]
+
+
+def test_unknown_colormap_raises_value_error_naming_the_choices():
+    with pytest.raises(ValueError, match="viridis") as info:
+        colorize(np.zeros((2, 2)), "rainbow-unicorn")
+    assert "rainbow-unicorn" in str(info.value) and "jet" in str(info.value)
+    with pytest.raises(ValueError, match="jet"):
+        overlay(_image(), np.zeros((2, 2)), cmap="nope")
+
+
+def test_overlay_with_alpha_zero_returns_the_image_unchanged():
+    image = _image()
+    out = overlay(image, _blob(), alpha=0.0)
+    assert out.mode == "RGB" and out.size == image.size
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_overlay_with_alpha_one_returns_the_colormap():
+    heat = np.random.default_rng(1).random((48, 64))
+    out = overlay(_image(), heat, cmap="viridis", alpha=1.0)
+    np.testing.assert_array_equal(np.asarray(out), colorize(heat, "viridis"))
+
+
+def test_overlay_blends_half_and_half():
+    image = Image.new("RGB", (4, 4), (100, 50, 0))
+    out = np.asarray(overlay(image, np.ones((4, 4)), cmap="gray", alpha=0.5))
+    assert out[0, 0].tolist() == [178, 152, 128]  # rint((x + 255) / 2)
+
+
+def test_overlay_resizes_a_smaller_map_to_the_image():
+    image = _image(80, 60)
+    out = overlay(image, _blob(7), alpha=1.0, cmap="gray")
+    assert out.size == (80, 60)
+    gray = np.asarray(out)[..., 0].astype(int)
+    row, col = np.unravel_index(gray.argmax(), gray.shape)
+    assert abs(col / 80 - 0.45) < 0.15 and abs(row / 60 - 0.6) < 0.15  # the blob stays where it was
+
+
+def test_overlay_accepts_non_rgb_images():
+    assert overlay(_image().convert("L"), _blob()).mode == "RGB"
+    assert overlay(_image().convert("RGBA"), _blob()).mode == "RGB"
+
+
+def test_nan_heatmap_raises_a_clear_value_error():
+    heat = _blob()
+    heat[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        overlay(_image(), heat)
+    with pytest.raises(ValueError, match="NaN"):
+        colorize(heat)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 3, 4)), np.zeros(5), np.zeros((0, 4))])
+def test_heatmap_must_be_a_non_empty_2d_array(bad):
+    with pytest.raises(ValueError, match="2-D"):
+        overlay(_image(), bad)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_outside_unit_range_raises(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(_image(), _blob(), alpha=alpha)
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="PIL"):
+        overlay(np.zeros((4, 4, 3)), _blob())
+    with pytest.raises(TypeError, match="alpha"):
+        overlay(_image(), _blob(), alpha="0.5")
+    with pytest.raises(TypeError, match="dtype"):
+        colorize(np.array([["a", "b"]]))
+
+
+def test_layer_figure_grows_by_one_panel_per_layer():
+    maps = np.random.default_rng(2).random((4, 7, 7))
+    widths = [layer_figure(_image(), maps[:n], list(range(n)), "a cat").width for n in (1, 2, 3, 4)]
+    steps = np.diff(widths)
+    assert (steps > 0).all() and len(set(steps.tolist())) == 1  # every panel has the same width
+    assert widths[0] >= 3 * steps[0]  # image + 1 layer + sum
+
+
+def test_layer_figure_wraps_many_layers_to_several_rows():
+    maps = np.random.default_rng(3).random((12, 7, 7))
+    one_row = layer_figure(_image(), maps[:2], [10, 11], "a cat")
+    many = layer_figure(_image(), maps, list(range(12)), "a cat")
+    assert many.height > 2 * one_row.height * 0.8 and many.width <= 2 * one_row.width
+
+
+def test_layer_figure_renders_a_constant_layer_as_zeros_without_nan():
+    maps = np.stack([np.full((7, 7), 0.3), _blob(7)])
+    with np.errstate(all="raise"):  # no 0/0 on the constant map
+        fig = layer_figure(_image(), maps, [0, 1], "a constant layer", cmap="gray", alpha=1.0)
+    pixels = np.asarray(fig)
+    assert fig.mode == "RGB" and np.isfinite(pixels).all()
+    assert (pixels == 0).all(axis=-1).sum() > 0.5 * 48 * 64  # the constant panel is black in 'gray'
+
+
+def test_layer_figure_checks_layers_against_maps():
+    with pytest.raises(ValueError, match="layer"):
+        layer_figure(_image(), np.zeros((3, 7, 7)), [0, 1], "a cat")
+    with pytest.raises(ValueError, match="3-D"):
+        layer_figure(_image(), np.zeros((7, 7)), [0], "a cat")
+
+
+def _grid(n_images: int, n_prompts: int, **kwargs) -> Image.Image:
+    images = [_image(64, 48), _image(30, 90), _image(50, 50)][:n_images]
+    heat = [[_blob(7 + p) for p in range(n_prompts)] for _ in images]
+    return grid(images, heat, [f"prompt {p}" for p in range(n_prompts)], **kwargs)
+
+
+def test_grid_is_one_cell_per_image_and_prompt_plus_headers():
+    cell = 96
+    w = {p: _grid(1, p, cell=cell).width for p in (1, 2, 3)}
+    h = {b: _grid(b, 1, cell=cell).height for b in (1, 2, 3)}
+    assert w[2] - w[1] == w[3] - w[2] >= cell
+    assert h[2] - h[1] == h[3] - h[2] >= cell
+    assert h[1] > cell + (h[2] - h[1] - cell)  # room for the column headers
+    with_scores = _grid(2, 2, cell=cell, scores=np.array([[0.283, 0.1], [0.2, 0.3]]))
+    assert with_scores.height > _grid(2, 2, cell=cell).height
+
+
+def test_grid_letterboxes_cells_keeping_the_aspect_ratio():
+    tall = Image.new("RGB", (20, 80), (0, 0, 0))
+    fig = np.asarray(grid([tall], [[np.zeros((4, 4))]], ["x"], cmap="gray", alpha=0.0, cell=80))
+    black_cols = np.flatnonzero((fig == 0).all(axis=-1).sum(axis=0) >= 80)
+    assert 18 <= len(black_cols) <= 22  # 20 px wide, not stretched to 80
+
+
+def test_grid_captions_survive_long_and_unicode_prompts():
+    prompts = ["a " + "very " * 60 + "long prompt", "supercalifragilistic" * 8, "café 猫 🐱 naïve", ""]
+    heat = [[_blob() for _ in prompts]]
+    fig = grid([_image()], heat, prompts, scores=np.array([[0.283, -1.0, np.nan, 12.5]]), cell=64)
+    assert fig.mode == "RGB" and fig.width >= 4 * 64
+
+
+def test_grid_checks_its_arguments():
+    with pytest.raises(ValueError, match="rows"):
+        grid([_image()], [[_blob()], [_blob()]], ["a"])
+    with pytest.raises(ValueError, match="scores"):
+        grid([_image()], [[_blob()]], ["a"], scores=np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="at least one"):
+        grid([], [], ["a"])
+
+
+def test_save_png_creates_folders_and_writes_a_readable_png(tmp_path):
+    path = save_png(overlay(_image(), _blob()), tmp_path / "a" / "b" / "heat.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (64, 48)
