@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import LegradError
-from .metadata import read_metadata
+from .metadata import ModelMetadata, read_metadata
 from .session import DEVICES, load
 from .visualize import COLORMAPS, save_png
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print a model folder's metadata")
     info.add_argument("model_dir")
+    info.add_argument("--json", action="store_true", help="print the raw metadata JSON")
     return p
 
 
@@ -109,7 +110,7 @@ def _explain(args: argparse.Namespace) -> int:
     with tqdm(total=len(images), unit="image", desc="explain", disable=None, file=sys.stderr) as bar:
         for batch in model.explain_batches(images, args.prompts, batch_size=args.batch_size, on_error="skip"):
             for failure in batch.failures:
-                tqdm.write(f"legrad: skipped {failure.source}: {failure.error}", file=sys.stderr)
+                tqdm.write(f"legrad: skipped: {failure.error}", file=sys.stderr)
             failed += len(batch.failures)
             for b, source in enumerate(batch.sources):
                 stem = out / _unique(Path(source).stem, used)
@@ -134,12 +135,33 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(m: ModelMetadata) -> str:
+    pre = m.preprocess
+    lines = [
+        f"model        {m.model_name}  (pretrained: {m.pretrained})",
+        f"input        {m.image_size}×{m.image_size} px, patch {m.patch_size}, grid {m.grid_size}×{m.grid_size}, "
+        f"resize {pre.resize_mode}/{pre.interpolation}",
+        f"layers       {', '.join(map(str, m.layers))} of {m.num_layers}  (width {m.width}, {m.heads} heads, "
+        f"{m.activation})",
+        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}; tokenizer {m.tokenizer.kind}, "
+        f"context {m.tokenizer.context_length}",
+        f"exported by  legrad-onnx {m.exporter_version}, open_clip {m.open_clip_version}, torch "
+        f"{m.torch_version}, opset {m.opset}; schema v{m.schema_version}",
+        "files",
+    ]
+    lines += [
+        f"  {e.path:<28} {e.size_bytes / 1e6:9.1f} MB  sha256 {e.sha256[:16]}…" for e in m.files.values()
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
-            print(json.dumps(read_metadata(args.model_dir).to_dict(), indent=2))
+            meta = read_metadata(args.model_dir)
+            print(json.dumps(meta.to_dict(), indent=2) if args.json else _summary(meta))
             return 0
         return _explain(args)
     except LegradError as exc:

@@ -221,9 +221,10 @@ class LeGradModel:
         cfg = self.metadata.preprocess
         pixels, originals, placements, sources, failures = [], [], [], [], []
         for index, source in batch:
-            label = str(source) if isinstance(source, (str, Path)) else f"image #{index}"
+            is_path = isinstance(source, (str, Path))
+            label = str(source) if is_path else f"image #{index}"
             try:
-                image = load_image(source, name=label)
+                image = load_image(source, name=None if is_path else label)
                 x, placement = preprocess(image, cfg)
             except ImageInputError as exc:
                 if on_error == "raise":

@@ -4,12 +4,17 @@ The byte-level BPE runs in HF `tokenizers` (Rust) on the files the exporter wrot
 `merges.txt`). What HF would do differently from open_clip is done here in Python, exactly as
 open_clip does it: the text cleaning (ftfy, html.unescape twice, whitespace collapse, lower-case),
 the special tokens, and the truncation that keeps `<end_of_text>` last.
+
+One known difference: open_clip splits words with the `regex` package, HF with Oniguruma, and each
+carries its own Unicode tables. Characters assigned after Oniguruma's tables (Unicode 17, e.g. CJK
+Extension J) are letters to a recent `regex` but not to HF, so they may be split differently.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +24,7 @@ import numpy as np
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import ModelFolderError, PromptError
+from .errors import ModelFolderError
 from .metadata import TokenizerCfg
 
 __all__ = ["Tokenizer"]
@@ -28,6 +33,9 @@ SOT, EOT = "<start_of_text>", "<end_of_text>"
 # open_clip's `pat` (compiled there with re.IGNORECASE), with its special tokens in front
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+# U+0345 (combining ypogegrammeni) case-folds to a Greek letter, so under re.IGNORECASE open_clip's
+# `pat` matches it with no alternative and drops it, like a space; Oniguruma would keep it
+_DROPPED = str.maketrans({"\u0345": " "})
 
 
 def _basic_clean(text: str) -> str:
@@ -69,7 +77,7 @@ class Tokenizer:
         self.sot_token_id, self.eot_token_id = vocab[SOT], vocab[EOT]
         # open_clip appends its special tokens after the merges, SOT first: every id from SOT on
         self.special_ids = {t: i for t, i in vocab.items() if i >= self.sot_token_id}
-        specials = "|".join(sorted(self.special_ids, key=self.special_ids.get))
+        specials = "|".join(re.escape(t) for t in sorted(self.special_ids, key=self.special_ids.get))
         self._split = pre_tokenizers.Split(Regex(f"(?i){specials}|{_WORDS}"), "removed", invert=True)
         bpe = models.BPE(vocab, merges, end_of_word_suffix="</w>")
         self._bpe = HFTokenizer(bpe)
@@ -89,7 +97,9 @@ class Tokenizer:
         paths = {Path(f).name: folder / f for f in cfg.files}
         for name in ("vocab.json", "merges.txt"):
             if name not in paths or not paths[name].is_file():
-                raise ModelFolderError(f"tokenizer file {paths.get(name, name)} is missing; re-export the model")
+                raise ModelFolderError(
+                    f"tokenizer file {paths.get(name, name)} is missing; re-export the model"
+                )
         try:
             vocab = json.loads(paths["vocab.json"].read_text(encoding="utf-8"))
             lines = paths["merges.txt"].read_text(encoding="utf-8").splitlines()
@@ -102,7 +112,7 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without SOT/EOT and untruncated (open_clip's `encode`)."""
-        cleaned = [self.clean_fn(t) for t in texts]
+        cleaned = [self.clean_fn(t).translate(_DROPPED) for t in texts]
         ids = [e.ids for e in self._bpe.encode_batch(cleaned)]
         for i, text in enumerate(cleaned):
             if any(s in text for s in self.special_ids):
@@ -114,15 +124,18 @@ class Tokenizer:
         ids: list[int] = []
         for word, _ in self._split.pre_tokenize_str(text):
             special = self.special_ids.get(word)
-            ids.extend([special] if special is not None else self._bpe.encode([word], is_pretokenized=True).ids)
+            ids.extend(
+                [special] if special is not None else self._bpe.encode([word], is_pretokenized=True).ids
+            )
         return ids
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """int64 (len(texts), context_length): SOT, ids, EOT, zero padding; long texts keep EOT last."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single str; wrap it in a list")
-        if not all(isinstance(t, str) for t in texts):
-            raise PromptError(f"every prompt must be a str; got {[type(t).__name__ for t in texts]}")
+        if isinstance(texts, str):  # as open_clip does
+            texts = [texts]
+        bad = [f"#{i}: {type(t).__name__}" for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"prompts must be str; got {', '.join(bad)}")
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, ids in zip(out, self.encode(texts)):
             tokens = [self.sot_token_id, *ids, self.eot_token_id][: self.context_length]

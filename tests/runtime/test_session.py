@@ -70,6 +70,26 @@ def test_results_do_not_depend_on_batching(model, photos):
     assert model.chunk_sizes(100, None, 1) == (1, 1)
 
 
+def test_many_images_and_prompts_stream_in_bounded_batches(model, photos):
+    pulled = []
+
+    def stream():  # 40 images from a generator: never all in memory at once
+        for i in range(40):
+            pulled.append(i)
+            yield photos[i % len(photos)]
+
+    prompts = [f"a photo of thing number {i}" for i in range(100)]
+    per_call, per_prompt_call = model.chunk_sizes(len(prompts), 8, memory_budget=64 * 2**20)
+    assert per_call == 8 and per_prompt_call < len(prompts)
+    batches = model.explain_batches(stream(), prompts, batch_size=8, memory_budget=64 * 2**20)
+    first = next(batches)
+    assert first.heatmaps.shape[:2] == (8, 100) and len(pulled) == 8  # lazily: one batch at a time
+    rest = list(batches)
+    assert len(rest) == 4 and len(pulled) == 40
+    alone = model.explain([photos[1]], prompts[:5])
+    assert np.abs(first.heatmaps[1, :5] - alone.heatmaps[0]).max() <= 1e-5
+
+
 def test_precomputed_embeddings_are_checked_and_normalised(model, photos):
     text = model.embed_text(PROMPTS)
     scaled = model.explain(photos[:2], text_embeds=text * 3.0)
@@ -209,8 +229,11 @@ def test_cli_skips_unreadable_images_and_exits_1(model_folder, photos, tmp_path,
 
 
 def test_cli_info_prints_the_metadata(model_folder, capsys):
+    assert cli_main(["info", str(model_folder), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
     assert cli_main(["info", str(model_folder)]) == 0
-    assert json.loads(capsys.readouterr().out)["image_size"] > 0
+    text = capsys.readouterr().out
+    assert f"{meta['image_size']}×{meta['image_size']} px" in text and "legrad_image.onnx" in text
 
 
 def test_the_runtime_never_imports_torch(model_folder, photos):
