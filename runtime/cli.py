@@ -139,8 +139,8 @@ def _summary(m: ModelMetadata) -> str:
     pre = m.preprocess
     lines = [
         f"model        {m.model_name}  (pretrained: {m.pretrained})",
-        f"input        {m.image_size}×{m.image_size} px, patch {m.patch_size}, grid {m.grid_size}×{m.grid_size}, "
-        f"resize {pre.resize_mode}/{pre.interpolation}",
+        f"input        {m.image_size}×{m.image_size} px, patch {m.patch_size}, "
+        f"grid {m.grid_size}×{m.grid_size}, resize {pre.resize_mode}/{pre.interpolation}",
         f"layers       {', '.join(map(str, m.layers))} of {m.num_layers}  (width {m.width}, {m.heads} heads, "
         f"{m.activation})",
         f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}; tokenizer {m.tokenizer.kind}, "
