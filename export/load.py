@@ -267,7 +267,7 @@ def wrap_openclip(
         tokenizer = open_clip.get_tokenizer(model_name)
     pre = dict(get_model_preprocess_cfg(model))
     preprocess = {
-        "size": int(visual_size(model)),
+        "size": int(model.visual.image_size[0]),
         "mean": tuple(float(m) for m in pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         "std": tuple(float(s) for s in pre.get("std", open_clip.OPENAI_DATASET_STD)),
         "interpolation": pre.get("interpolation", "bicubic"),
@@ -283,10 +283,6 @@ def wrap_openclip(
         tokenizer=tokenizer,
         context_length=int(getattr(tokenizer, "context_length", None) or model.context_length),
     )
-
-
-def visual_size(model: nn.Module) -> int:
-    return model.visual.image_size[0]
 
 
 def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:

@@ -40,9 +40,8 @@ from .layers import DEFAULT_LAYERS, resolve_layers
 from .load import OPEN_CLIP_VERSION, LoadedModel, write_tokenizer
 from .verify import VERIFY_PROMPTS, verify_export
 
-__all__ = ["ExportSettings", "STAGES", "export_model", "check_output_root", "model_folder_name"]
+__all__ = ["ExportSettings", "export_model", "check_output_root", "model_folder_name"]
 
-STAGES = ("build", "trace", "check", "write")
 _TWO_GB = 2**31 - 2**24  # protobuf's limit, with room for the graph itself
 
 

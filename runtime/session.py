@@ -236,25 +236,19 @@ class LeGradModel:
             placements.append(placement)
             sources.append(label)
         m = self.metadata
-        if not pixels:
-            empty = np.zeros((0, len(names), m.image_size, m.image_size), np.float32)
+        if pixels:
+            x = np.stack(pixels)
+            runs = [
+                self._image.run(None, {"pixel_values": x, "text_embeds": text[i : i + prompts_per_call]})
+                for i in range(0, len(text), prompts_per_call)
+            ]
+            heat = np.concatenate([r[0] for r in runs], 1)
+            layer_maps = np.concatenate([r[1] for r in runs], 1)
+            embeds = runs[0][2]
+        else:  # every image of this batch failed: zero rows, same shapes
+            heat = np.zeros((0, len(names), m.image_size, m.image_size), np.float32)
             layer_maps = np.zeros((0, len(names), len(m.layers), m.grid_size, m.grid_size), np.float32)
             embeds = np.zeros((0, m.embed_dim), np.float32)
-            return self._result(empty, layer_maps, embeds, text, [], [], [], names, failures)
-        x = np.stack(pixels)
-        heat, layer_maps, embeds = [], [], None
-        for start in range(0, len(text), prompts_per_call):
-            h, lm, embeds = self._image.run(
-                None, {"pixel_values": x, "text_embeds": text[start : start + prompts_per_call]}
-            )
-            heat.append(h)
-            layer_maps.append(lm)
-        return self._result(
-            np.concatenate(heat, 1), np.concatenate(layer_maps, 1), embeds, text,
-            originals, placements, sources, names, failures,
-        )  # fmt: skip
-
-    def _result(self, heat, layer_maps, embeds, text, originals, placements, sources, names, failures):
         return Explanation(
             heatmaps=heat,
             layer_maps=layer_maps,
@@ -264,8 +258,8 @@ class LeGradModel:
             placements=placements,
             sources=sources,
             prompts=list(names),
-            layers=tuple(self.metadata.layers),
-            logit_scale=self.metadata.logit_scale,
+            layers=tuple(m.layers),
+            logit_scale=m.logit_scale,
             failures=failures,
         )
 
