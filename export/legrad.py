@@ -6,20 +6,36 @@ See shared/design/legrad.md. For layer l and prompt p, with z_l the block output
     G[h,i,j] = ∂s/∂A_l[h,i,j] = U_h[i] · V_h[j]     (U: the backward path through block l's MLP)
     E[j] = mean_h mean_i max(0, G[h,i,j]),  j ≥ 1
 
-One image forward serves every prompt; only this short backward runs per prompt and layer.
+One image forward serves every prompt; only a short backward runs per prompt and layer. The
+backward is split in two: `prepare_layer` computes, once per image, everything that does not
+depend on the prompt, and `prompt_map` is what remains per prompt. The layers run inside a scan
+over prompts, so the per-prompt intermediates (heads × N² per layer) exist for one prompt at a
+time: memory does not grow with the number of prompts, and the image forward still runs once.
+
+Folding (exact algebra, precomputed per layer in `BackwardWeights`). With a = act'(pre),
+λ, β the LN_2 affine, x̂ and rstd its normalised input and 1/σ, γ1 the attention LayerScale:
+
+    U_i = (γ1 ⊙ g_z) @ W_o + rstd_i · ((g_hidden ⊙ a_i) @ K − c_i · (x̂_i @ diag(γ1) W_o))
+    K   = W_fc diag(λ) (I − 11ᵀ/D) diag(γ1) W_o          (M, D): LN_2's centring and W_o folded in
+    c_i = mean_d(λ_d h_id x̂_id) = (g_hidden ⊙ a_i) · r_i / D,   r_i = pre_i − b_fc − W_fc β
+
+so the per-prompt work is one (N, M) @ (M, D) product and U_h V_hᵀ; the (N, D) @ (D, D) product
+of the plain backward moves to once per image, and r comes free from the forward's `pre`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._higher_order_ops.scan import scan
 
 from .vit import Block, BlockTrace, ExplicitViT, act_derivative
 
-__all__ = ["LeGrad", "min_max", "upsample"]
+__all__ = ["LeGrad", "BackwardWeights", "LayerPrep", "prepare_layer", "prompt_map", "min_max", "upsample"]
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -35,39 +51,74 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def layer_map(vit: ExplicitViT, block: Block, trace: BlockTrace, text_embeds: torch.Tensor) -> torch.Tensor:
-    """Raw LeGrad map of one layer for every image and prompt: (B, P, g, g)."""
-    cfg = vit.cfg
-    B, N, D = trace.z.shape
-    H, dh = cfg.heads, cfg.head_dim
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.float().contiguous(), requires_grad=False)
 
-    # score s = t · f̂ and its gradient w.r.t. f
+
+class BackwardWeights(nn.Module):
+    """Constants of one block's closed-form backward, folded once at build time (in float64)."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        w_fc, w_o = block.fc_weight.double(), block.out_proj_weight.double()  # (M, D), (D, D)
+        lam, beta = block.ln_2.weight.double(), block.ln_2.bias.double()  # (D,)
+        wo_g1 = block.gamma_1.double().unsqueeze(1) * w_o  # diag(γ1) W_o, (D, D)
+        w_fc_lam = w_fc * lam  # W_fc diag(λ), (M, D)
+        self.k = _frozen((w_fc_lam - w_fc_lam.mean(1, keepdim=True)) @ wo_g1)  # (M, D)
+        self.wo_g1 = _frozen(wo_g1)  # (D, D)
+        self.pre_offset = _frozen(block.fc_bias.double() + w_fc @ beta)  # (M,): pre − this = (λ⊙x̂) W_fcᵀ
+        self.proj_g2 = _frozen(block.gamma_2.double().unsqueeze(1) * block.proj_weight.double())  # (D, M)
+
+
+class LayerPrep(NamedTuple):
+    """Per image and layer, what every prompt's backward shares."""
+
+    f_hat: torch.Tensor  # (B, E) normalised layer embedding
+    f_norm: torch.Tensor  # (B, 1) its norm before normalising
+    u_hat: torch.Tensor  # (B, D) LN_post's normalised input (the token mean)
+    u_rstd: torch.Tensor  # (B, 1)
+    a: torch.Tensor  # (B, N, M) rstd_i · act'(pre_i)
+    q: torch.Tensor  # (B, N, M) rstd_i · act'(pre_i) ⊙ r_i / D
+    w: torch.Tensor  # (B, N, D) x̂_i @ diag(γ1) W_o
+    v: torch.Tensor  # (B, H, dh, N-1) attention values of the patch tokens, transposed
+
+
+def prepare_layer(vit: ExplicitViT, block: Block, weights: BackwardWeights, trace: BlockTrace) -> LayerPrep:
+    """The prompt-independent part of one layer's backward, for every image."""
+    D = trace.z.shape[-1]
     u = trace.z.mean(1)  # (B, D)
     u_hat, u_rstd = vit.ln_post.normalize(u)
     f = vit.ln_post(u) @ vit.proj  # (B, E)
     f_norm = f.norm(dim=-1, keepdim=True)  # (B, 1)
-    f_hat = f / f_norm
-    s = f_hat @ text_embeds.T  # (B, P)
-    g_f = (text_embeds.unsqueeze(0) - s.unsqueeze(-1) * f_hat.unsqueeze(1)) / f_norm.unsqueeze(1)  # (B, P, E)
-
-    # back through LN_post and the token mean: the same gradient reaches every token
-    g_u = vit.ln_post.backward(g_f @ vit.proj.T, u_hat.unsqueeze(1), u_rstd.unsqueeze(1))  # (B, P, D)
-    g_z = g_u / N  # (B, P, D)
-
-    # back through the MLP branch, per token
-    g_hidden = (block.gamma_2 * g_z) @ block.proj_weight  # (B, P, M)
-    g_pre = g_hidden.unsqueeze(2) * act_derivative(trace.pre, cfg.activation).unsqueeze(1)  # (B, P, N, M)
     mid_hat, mid_rstd = block.ln_2.normalize(trace.x_mid)  # (B, N, D), (B, N, 1)
-    g_mid = g_z.unsqueeze(2) + block.ln_2.backward(
-        g_pre @ block.fc_weight, mid_hat.unsqueeze(1), mid_rstd.unsqueeze(1)
-    )  # (B, P, N, D)
+    a = mid_rstd * act_derivative(trace.pre, vit.cfg.activation)  # (B, N, M)
+    q = a * ((trace.pre - weights.pre_offset) / D)  # (B, N, M)
+    w = mid_hat @ weights.wo_g1  # (B, N, D)
+    v = trace.v[:, :, 1:].transpose(-1, -2)  # (B, H, dh, N-1): CLS column dropped
+    return LayerPrep(f / f_norm, f_norm, u_hat, u_rstd, a, q, w, v)
 
-    # back through the output projection to the per-head attention outputs A_h V_h
-    U = (block.gamma_1 * g_mid) @ block.out_proj_weight  # (B, P, N, D)
-    U = U.reshape(B, -1, N, H, dh).transpose(2, 3)  # (B, P, H, N, dh)
-    G = U @ trace.v[:, :, 1:].transpose(-1, -2).unsqueeze(1)  # (B, P, H, N, N-1): CLS column dropped
-    E = torch.relu(G).mean(dim=(2, 3))  # (B, P, N-1)
-    return E.reshape(B, -1, vit.grid, vit.grid)
+
+def prompt_map(
+    vit: ExplicitViT, weights: BackwardWeights, prep: LayerPrep, text_embed: torch.Tensor
+) -> torch.Tensor:
+    """Raw LeGrad map of one layer for one prompt (E,) and every image: (B, N-1)."""
+    B, N, _ = prep.w.shape
+    H = vit.cfg.heads
+
+    # score s = t · f̂ and its gradient w.r.t. f; back through LN_post and the token mean
+    s = prep.f_hat @ text_embed  # (B,)
+    g_f = (text_embed - s.unsqueeze(-1) * prep.f_hat) / prep.f_norm  # (B, E)
+    g_u = vit.ln_post.backward(g_f @ vit.proj.T, prep.u_hat, prep.u_rstd)  # (B, D)
+    g_z = g_u / N  # (B, D): the same gradient reaches every token
+
+    # back through the MLP, LN_2 and the output projection (folded, see the module docstring)
+    g_hidden = (g_z @ weights.proj_g2).unsqueeze(1)  # (B, 1, M)
+    c = prep.q @ g_hidden.transpose(1, 2)  # (B, N, 1)
+    U = (prep.a * g_hidden) @ weights.k - c * prep.w + (g_z @ weights.wo_g1).unsqueeze(1)  # (B, N, D)
+
+    U = U.reshape(B, N, H, -1).transpose(1, 2)  # (B, H, N, dh)
+    G = U @ prep.v  # (B, H, N, N-1)
+    return torch.relu(G).mean(dim=(1, 2))  # (B, N-1)
 
 
 class LeGrad(nn.Module):
@@ -82,18 +133,32 @@ class LeGrad(nn.Module):
             raise ValueError(f"layers {bad} out of range for a {vit.cfg.num_layers}-block model")
         self.vit = vit
         self.layers = tuple(sorted(set(layers)))
+        self.backward_weights = nn.ModuleList(BackwardWeights(vit.blocks[i]) for i in self.layers)
 
     def forward(
         self, pixel_values: torch.Tensor, text_embeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, traces = self.vit.forward_traced(pixel_values, self.layers)
         image_embeds = F.normalize(self.vit.pool_project(tokens), dim=-1)  # (B, E)
-        layer_maps = torch.stack(
-            [
-                layer_map(self.vit, self.vit.blocks[i], trace, text_embeds)
-                for i, trace in zip(self.layers, traces)
-            ],
-            dim=2,
-        )  # (B, P, L, g, g)
+        preps = [
+            prepare_layer(self.vit, self.vit.blocks[i], weights, trace)
+            for i, weights, trace in zip(self.layers, self.backward_weights, traces)
+        ]
+
+        def one_prompt(count: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            maps = [
+                prompt_map(self.vit, w, prep, text_embed) for w, prep in zip(self.backward_weights, preps)
+            ]
+            return count + 1, torch.stack(maps, dim=1)  # (B, L, N-1)
+
+        # one prompt at a time, so per-prompt memory stays flat as P grows: an ONNX Scan when traced;
+        # a plain loop in eager mode, where scan would run through dynamo on every call (slow)
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            _, maps = scan(one_prompt, torch.zeros((), dtype=torch.int64), text_embeds)  # (P, B, L, N-1)
+        else:
+            count = torch.zeros((), dtype=torch.int64)
+            maps = torch.stack([one_prompt(count, t)[1] for t in text_embeds])  # (P, B, L, N-1)
+        B, g = pixel_values.shape[0], self.vit.grid
+        layer_maps = maps.transpose(0, 1).reshape(B, -1, len(self.layers), g, g)  # (B, P, L, g, g)
         heatmaps = min_max(upsample(layer_maps.sum(2), self.vit.image_size))  # (B, P, S, S)
         return heatmaps, layer_maps, image_embeds

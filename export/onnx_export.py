@@ -34,10 +34,11 @@ from legrad_runtime.metadata import (
     PreprocessCfg,
     sha256_file,
 )
+from legrad_runtime.session import PROMPT_LOOP_KEY
 
 from .graphs import TextGraph, build_image_graph, example_image_inputs
-from .layers import DEFAULT_LAYERS, resolve_layers
-from .load import OPEN_CLIP_VERSION, LoadedModel, write_tokenizer
+from .layers import resolve_layers
+from .load import OPEN_CLIP_VERSION, LoadedModel, default_layer_spec, write_tokenizer
 from .verify import VERIFY_PROMPTS, verify_export
 
 __all__ = ["ExportSettings", "export_model", "check_output_root", "model_folder_name"]
@@ -48,7 +49,7 @@ _TWO_GB = 2**31 - 2**24  # protobuf's limit, with room for the graph itself
 @dataclass(frozen=True)
 class ExportSettings:
     image_size: int | None = None  # None: the model's native size
-    layers: int | str | tuple[int, ...] = DEFAULT_LAYERS
+    layers: int | str | tuple[int, ...] | None = None  # None: the model's recommendation, else DEFAULT_LAYERS
     resize_mode: str = "squash"  # how the runtime fits images to the square input (LeGrad's demos squash)
     verify: bool = True
     overwrite: bool = False
@@ -141,7 +142,8 @@ def export_model(
     check_output_root(out_root)
     size = resolve_image_size(loaded, settings.image_size)
     try:
-        layers = resolve_layers(settings.layers, loaded.vit.num_layers)
+        spec = default_layer_spec(loaded) if settings.layers is None else settings.layers
+        layers = resolve_layers(spec, loaded.vit.num_layers)
         preprocess = PreprocessCfg(
             size=size,
             mean=loaded.preprocess["mean"],
@@ -189,7 +191,11 @@ def export_model(
             activation=loaded.vit.activation,
             preprocess=preprocess,
             tokenizer=write_tokenizer(loaded, tmp),
-            extra={"created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            vocabulary=loaded.defaults.vocabulary,
+            extra={
+                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                PROMPT_LOOP_KEY: True,  # the image graph scans over prompts: memory flat in P
+            },
         )
 
         stage("check")

@@ -29,11 +29,12 @@ from .preprocess import Placement, load_image, preprocess, to_original
 from .tokenizer import Tokenizer
 from .visualize import grid, layer_figure, overlay
 
-__all__ = ["LeGradModel", "Explanation", "ImageFailure", "load", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["LeGradModel", "Explanation", "ImageFailure", "load", "session_options", "DEFAULT_MEMORY_BUDGET"]
 
 log = logging.getLogger("legrad_runtime")
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of graph intermediates per onnxruntime call
+PROMPT_LOOP_KEY = "prompt_loop"  # metadata.extra flag: the image graph scans over prompts inside
 DEVICES = ("auto", "cpu", "cuda")
 ImageSource = str | Path | Image.Image | np.ndarray
 
@@ -105,6 +106,25 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime options tuned for throughput (see benchmarks/README.md for the measurements).
+
+    Every graph optimisation (EXTENDED measured 6% slower); one op at a time, each using
+    `threads` cores (None: all physical cores); CPU arena and memory pattern on (no arena
+    measured 6% slower). Spinning and an explicit thread count made no measurable difference.
+    """
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a positive integer or None, not {threads!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    return options
+
+
 def _warn_fallback(reason: str) -> None:
     message = (
         f"device='cuda' was asked for, but {reason}; running on CPU instead, which is much slower. "
@@ -117,7 +137,9 @@ def _warn_fallback(reason: str) -> None:
 class LeGradModel:
     """An exported LeGrad model: image graph, text graph and tokenizer, ready for many threads."""
 
-    def __init__(self, folder: str | Path, device: str = "auto", verify: bool = True):
+    def __init__(
+        self, folder: str | Path, device: str = "auto", verify: bool = True, threads: int | None = None
+    ):
         self.folder = Path(folder)
         self.metadata: ModelMetadata = read_metadata(self.folder)
         if verify:
@@ -125,8 +147,13 @@ class LeGradModel:
         providers = _providers(device)
         if device == "cuda" and providers[0] != "CUDAExecutionProvider":
             _warn_fallback(f"this onnxruntime offers only {', '.join(ort.get_available_providers())}")
-        self._image = ort.InferenceSession(str(self.folder / IMAGE_GRAPH.filename), providers=providers)
-        self._text = ort.InferenceSession(str(self.folder / TEXT_GRAPH.filename), providers=providers)
+        options = session_options(threads)
+        self._image = ort.InferenceSession(
+            str(self.folder / IMAGE_GRAPH.filename), options, providers=providers
+        )
+        self._text = ort.InferenceSession(
+            str(self.folder / TEXT_GRAPH.filename), options, providers=providers
+        )
         self.device = "cuda" if self._image.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "cuda" and self.device == "cpu" and providers[0] == "CUDAExecutionProvider":
             _warn_fallback("the CUDA provider failed to start (missing CUDA / cuDNN libraries?)")
@@ -161,17 +188,36 @@ class LeGradModel:
 
     # ------------------------------------------------------------------ images
 
+    @property
+    def prompts_in_graph_loop(self) -> bool:
+        """Whether the image graph loops over prompts inside (the exporter flags it in metadata.extra).
+
+        Such a graph holds one prompt's backward at a time: its memory hardly grows with P, so
+        prompts are split across calls (which repeats the image forward) only for huge P.
+        """
+        return bool(self.metadata.extra.get(PROMPT_LOOP_KEY, False))
+
     def chunk_sizes(self, num_prompts: int, batch_size: int | None, memory_budget: int) -> tuple[int, int]:
         """(images per call, prompts per call) whose graph intermediates fit the memory budget.
 
-        Per (image, prompt) and explained layer the backward path holds the attention gradient
-        (heads × N²) and a few token × width tensors (the MLP's is 4 × width wide); per image the
-        forward holds one attention matrix and the token stream. Counted in float32, all layers alive.
+        Counted in float32 with every explained layer alive. Per image: the forward (attention
+        and token stream), the per-layer traces the backward keeps (three token × MLP-width
+        tensors and four token × width ones), and one prompt's backward per layer (the attention
+        gradient, heads × N², twice for its ReLU, and the MLP's token × MLP-width gradient). Per
+        (image, prompt): the heatmap outputs and their normalisation temporaries. Graphs without
+        the prompt loop (older exports) hold every prompt's backward at once: per (image, prompt)
+        it is the attention gradient and a few token × width tensors per layer.
         """
         m = self.metadata
-        n = m.grid_size**2 + 1
-        per_pair = 4 * len(m.layers) * (m.heads * n * n + 12 * n * m.width) + 4 * m.image_size**2
-        per_image = 4 * (m.heads * n * n + 8 * n * m.width + 3 * m.image_size**2)
+        n, d, layers, s2 = m.grid_size**2 + 1, m.width, len(m.layers), m.image_size**2
+        hn2 = m.heads * n * n
+        if self.prompts_in_graph_loop:
+            per_layer = 16 * n * d + 2 * hn2 + 4 * n * d + 3 * n * d  # traces + one prompt's backward
+            per_image = 4 * (2 * hn2 + 16 * n * d + 3 * s2 + layers * per_layer)
+            per_pair = 4 * (3 * s2 + 2 * layers * n)
+        else:
+            per_image = 4 * (hn2 + 8 * n * d + 3 * s2)
+            per_pair = 4 * layers * (hn2 + 12 * n * d) + 4 * s2
         images = batch_size or max(1, min(32, memory_budget // (per_image + per_pair * num_prompts)))
         prompts = max(1, min(num_prompts, (memory_budget - images * per_image) // max(1, images * per_pair)))
         return images, prompts
@@ -264,9 +310,14 @@ class LeGradModel:
         )
 
 
-def load(folder: str | Path, device: str = "auto", verify: bool = True) -> LeGradModel:
-    """Load an exported model folder (metadata and sha256 checked unless verify=False)."""
-    return LeGradModel(folder, device=device, verify=verify)
+def load(
+    folder: str | Path, device: str = "auto", verify: bool = True, threads: int | None = None
+) -> LeGradModel:
+    """Load an exported model folder (metadata and sha256 checked unless verify=False).
+
+    `threads`: CPU cores each onnxruntime call may use (None: all physical cores).
+    """
+    return LeGradModel(folder, device=device, verify=verify, threads=threads)
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:

@@ -79,9 +79,9 @@ def test_many_images_and_prompts_stream_in_bounded_batches(model, photos):
             yield photos[i % len(photos)]
 
     prompts = [f"a photo of thing number {i}" for i in range(100)]
-    per_call, per_prompt_call = model.chunk_sizes(len(prompts), 8, memory_budget=64 * 2**20)
+    per_call, per_prompt_call = model.chunk_sizes(len(prompts), 8, memory_budget=8 * 2**20)
     assert per_call == 8 and per_prompt_call < len(prompts)
-    batches = model.explain_batches(stream(), prompts, batch_size=8, memory_budget=64 * 2**20)
+    batches = model.explain_batches(stream(), prompts, batch_size=8, memory_budget=8 * 2**20)
     first = next(batches)
     assert first.heatmaps.shape[:2] == (8, 100) and len(pulled) == 8  # lazily: one batch at a time
     rest = list(batches)

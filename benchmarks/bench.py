@@ -1,0 +1,359 @@
+"""LeGrad's cost against a plain image-embedding forward of the same model, side by side in one run.
+
+    python benchmarks/bench.py --model ViT-B-16 --image-size 224 --batch 8 --prompts 4 --layers -2
+    python benchmarks/bench.py --model-folder models/ViT-B-16__laion2b_s34b_b88k__448 --batch 8 --prompts 32
+
+Give an exported model folder (`legrad-export` output), or a model name to export one here with
+random weights (`pretrained="none"`; speed does not depend on the weights). Each method runs in a
+fresh process (benchmarks/worker.py), so its peak RSS is its own:
+
+  plain ONNX forward     pixel_values → image_embeds, cut out of the LeGrad graph (same weights, same ops)
+  LeGrad ONNX (ours)     the exported image graph
+  runtime explain()      legrad_runtime on uint8 images: preprocessing and memory-budget batching included
+  reference (PyTorch)    our autograd reference, one image forward for all prompts
+  authors' (PyTorch)     the authors' approach emulated: each image repeated once per prompt, autograd
+  authors' released      their legrad_torch 1.1 itself (--methods ...,released; needs .authors-site/)
+  ... int8               the ONNX graphs after onnxruntime's dynamic int8 quantisation (--dtype int8)
+
+Per method: throughput on B images × P prompts (median of --repeats after a warm-up), latency at
+B=1 (p50/p95 of --latency-runs), peak RSS. Then a sweep, interleaved in one process: LeGrad at
+P = --sweep-prompts and at 1, 2, 3 explained layers (graphs exported from random weights of the same
+architecture), giving the marginal cost of one more prompt and one more layer as a fraction of a
+plain forward (least-squares slope). With int8, the maps' agreement with fp32 (per-map Pearson r,
+max abs diff). Run it alone on the machine (the numbers shift with background load):
+    flock /tmp/legrad-heavy.lock .venv/bin/python benchmarks/bench.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WEIGHT_SEED = 0  # random weights: the exports and the torch rows build them from the same seed
+METHODS = {
+    "plain": "plain ONNX forward",
+    "legrad": "LeGrad ONNX (ours)",
+    "runtime": "runtime explain() (ours)",
+    "reference": "reference (PyTorch autograd)",
+    "authors": "authors' approach (PyTorch)",
+    "released": "authors' released code",
+}
+WORKER_METHOD = {
+    "plain": "plain_onnx",
+    "legrad": "legrad_onnx",
+    "runtime": "runtime",
+    "reference": "reference_torch",
+    "authors": "authors_torch",
+    "released": "authors_released",
+}
+AUTHORS_SITE = HERE.parent / ".authors-site"  # legrad_torch 1.1 + open_clip 2.23.0, pip --target
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-folder", type=Path, help="an exported model folder (legrad-export output)")
+    src.add_argument("--model", help="open_clip model name to export here with random weights")
+    p.add_argument("--image-size", type=int, default=None, help="input size when exporting (default: native)")
+    p.add_argument("--layers", default="-2", help="layer spec when exporting, as legrad-export --layers")
+    p.add_argument("--batch", type=int, default=8, help="images per workload (B)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per workload (P)")
+    p.add_argument("--device", choices=["cpu"], default="cpu", help="only cpu for now (GPU: not implemented)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        help="comma list of fp32, int8 (int8: onnxruntime dynamic quantisation, ONNX rows only)",
+    )
+    p.add_argument(
+        "--methods", default="plain,legrad,reference,authors", help=f"comma list of {', '.join(METHODS)}"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed workload runs per method (median)")
+    p.add_argument("--latency-runs", type=int, default=10, help="B=1 runs per method for p50/p95 (0: skip)")
+    p.add_argument("--sweep-prompts", default="1,2,4,8", help="prompt counts of the sweep ('' to skip)")
+    p.add_argument("--sweep-layers", type=int, default=3, help="sweep 1..N last layers (0 to skip)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime/torch threads (default: all cores)")
+    p.add_argument("--ort-options", choices=["tuned", "default"], default="tuned", help="SessionOptions used")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--out", type=Path, default=None, help="keep exported files here (default: temp dir)")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.dtype = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [m for m in args.methods if m not in METHODS] + [d for d in args.dtype if d not in ("fp32", "int8")]
+    if bad:
+        p.error(f"unknown method or dtype {', '.join(bad)}")
+    if "fp32" not in args.dtype:
+        args.dtype.insert(0, "fp32")  # the plain fp32 forward is every ratio's denominator
+    args.sweep_prompts = [int(x) for x in args.sweep_prompts.split(",") if x.strip()]
+    return args
+
+
+def export_folder(model: str, size: int | None, layers: str, out: Path) -> Path:
+    """legrad-export with seeded random weights (no verification: the sanity check compares maps)."""
+    import torch
+
+    from legrad_export.load import load_openclip
+    from legrad_export.onnx_export import ExportSettings, export_model
+
+    torch.manual_seed(WEIGHT_SEED)  # the torch rows rebuild the same weights from this seed
+    loaded = load_openclip(model, "none")
+    return export_model(
+        loaded, out, ExportSettings(image_size=size, layers=layers, verify=False, overwrite=True)
+    )
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run benchmarks/worker.py with this spec in a fresh process and return its JSON result."""
+    paths = [str(HERE), os.environ.get("PYTHONPATH", "")]
+    if spec["method"] == "authors_released":
+        paths.insert(0, str(AUTHORS_SITE))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "worker.py"), json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode:
+        raise RuntimeError(f"worker {spec['method']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fit_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs."""
+    return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from variants import extract_plain_forward, quantize_int8
+
+    from legrad_runtime.metadata import IMAGE_GRAPH, read_metadata
+
+    self_exported = args.model is not None
+    if self_exported:
+        print(f"exporting {args.model} (random weights) ...", flush=True)
+        folder = export_folder(args.model, args.image_size, args.layers, work / "main")
+    else:
+        folder = args.model_folder
+    meta = read_metadata(folder)
+    layers = tuple(meta.layers)
+    last = tuple(range(meta.num_layers - len(layers), meta.num_layers))
+    layer_index = layers[0] if layers == tuple(range(layers[0], meta.num_layers)) else None
+    graph = folder / IMAGE_GRAPH.filename
+    plain = extract_plain_forward(graph, work / "plain_forward.onnx")
+    graphs = {("legrad", "fp32"): graph, ("plain", "fp32"): plain}
+    if "int8" in args.dtype:
+        print("quantising to int8 ...", flush=True)
+        graphs[("legrad", "int8")] = quantize_int8(graph, work / "legrad_int8.onnx")
+        graphs[("plain", "int8")] = quantize_int8(plain, work / "plain_int8.onnx")
+
+    base = {
+        "size": meta.image_size,
+        "batch": args.batch,
+        "prompts": args.prompts,
+        "embed_dim": meta.embed_dim,
+        "threads": args.threads,
+        "ort_options": args.ort_options,
+        "model_name": meta.model_name,
+        "weight_seed": WEIGHT_SEED,  # torch rows: same weights as our export only when self-exported
+        "layers": list(layers),
+        "layer_index": layer_index,
+        "repeats": args.repeats,
+        "latency_runs": args.latency_runs,
+        "folder": str(folder),
+    }
+    load_before = os.getloadavg()[0]
+    rows: dict[str, dict[str, Any]] = {}
+    report_errors: dict[str, str] = {}
+    for method in args.methods:
+        for dtype in args.dtype if method in ("plain", "legrad") else ["fp32"]:
+            if method == "released" and not (AUTHORS_SITE / "legrad").is_dir():
+                print(f"skipping the released code: no {AUTHORS_SITE} (test_authors_parity.py installs it)")
+                continue
+            if method in ("authors", "released") and layer_index is None:
+                print(f"skipping authors: layers {layers} are not k..L-1, which is all their code explains")
+                continue
+            name = METHODS[method] + (" int8" if dtype == "int8" else "")
+            print(f"measuring {name} ...", flush=True)
+            spec = dict(base, method=WORKER_METHOD[method])
+            if (method, dtype) in graphs:
+                spec["graph"] = str(graphs[(method, dtype)])
+            try:
+                rows[name] = worker(spec) | {"key": method, "dtype": dtype}
+            except RuntimeError as exc:  # one failing method must not lose the others' numbers
+                print(exc)
+                report_errors[name] = str(exc)[-500:]
+            if args.json:  # partial results survive an interrupted run
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"partial_rows": rows}, indent=2), encoding="utf-8")
+
+    report: dict[str, Any] = {"rows": rows, "errors": report_errors}
+    plain_s = rows[METHODS["plain"]]["median_s"] if METHODS["plain"] in rows else None
+    if plain_s:
+        report["ratio_vs_plain"] = {k: r["median_s"] / plain_s for k, r in rows.items()}
+    for key in ("authors", "released"):
+        if METHODS[key] in rows and METHODS["legrad"] in rows:
+            speedup = rows[METHODS[key]]["median_s"] / rows[METHODS["legrad"]]["median_s"]
+            report[f"{key}_over_legrad_onnx"] = speedup
+
+    if args.sweep_prompts or args.sweep_layers:
+        report["sweep"] = sweep(args, base, meta, graph, plain, layers, last, work)
+    if "int8" in args.dtype:
+        print("int8 agreement ...", flush=True)
+        report["int8_agreement"] = worker(
+            dict(base, method="agreement", graph_a=str(graph), graph_b=str(graphs[("legrad", "int8")]))
+        )
+    if self_exported:
+        print("sanity check ...", flush=True)
+        report["sanity_max_abs_diff"] = worker(
+            dict(base, method="sanity", graph=str(graph), plain_graph=str(plain), batch=min(2, args.batch))
+        )
+    load_after = os.getloadavg()[0]
+    report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
+        "model_name": meta.model_name,
+        "image_size": meta.image_size,
+        "layers": list(layers),
+        "folder": str(folder),
+    }
+    report["machine"] = machine(load_before, load_after)
+    report["versions"] = versions()
+    return report
+
+
+def sweep(args, base, meta, graph: Path, plain: Path, layers, last, work: Path) -> dict[str, Any]:
+    """LeGrad time vs P (the model's graph) and vs the number of last layers explained."""
+    graphs = {f"L{len(layers)}": str(graph)}
+    if args.sweep_layers:
+        for k in range(1, args.sweep_layers + 1):
+            if k == len(layers) and layers == last:
+                continue
+            print(f"exporting a graph for the last {k} layer(s) (random weights) ...", flush=True)
+            folder = export_folder(meta.model_name, meta.image_size, str(-k), work / f"layers{k}")
+            graphs[f"L{k}"] = str(folder / "legrad_image.onnx")
+    main = f"L{len(layers)}"
+    counts = args.sweep_prompts or [args.prompts]
+    print("sweep ...", flush=True)
+    spec = dict(
+        base,
+        method="sweep",
+        plain_graph=str(plain),
+        graphs=graphs,
+        main=main,
+        prompt_counts=counts,
+        layer_sweep_prompts=args.prompts,
+    )
+    times = worker(spec)["median_s"]
+    plain_s = times["plain"]
+    out: dict[str, Any] = {"median_s": times, "plain_s": plain_s}
+    if len(counts) > 1:
+        per_prompt = fit_slope(counts, [times[f"{main}|P={p}"] for p in counts])
+        out["marginal_prompt_s"] = per_prompt
+        out["marginal_prompt_vs_plain"] = per_prompt / plain_s
+    layer_counts = sorted(int(k[1:]) for k in graphs if k == main or args.sweep_layers)
+    if args.sweep_layers and len(layer_counts) > 1:
+        ys = [times[f"L{k}|P={args.prompts}"] for k in layer_counts]
+        per_layer = fit_slope(layer_counts, ys)
+        out["marginal_layer_s"] = per_layer
+        out["marginal_layer_vs_plain"] = per_layer / plain_s
+        out["layer_counts"] = layer_counts
+    return out
+
+
+def machine(load_before: float, load_after: float) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu or platform.processor(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_1min_before_after": [load_before, load_after],
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime as ort
+
+    out = {"python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
+    with contextlib.suppress(ImportError):
+        import open_clip
+        import torch
+
+        out |= {"torch": torch.__version__, "open_clip": open_clip.__version__}
+    return out
+
+
+def print_report(r: dict[str, Any]) -> None:
+    s, m = r["settings"], r["machine"]
+    before, after = m["loadavg_1min_before_after"]
+    print(f"\nmachine: {m['cpu']}, {m['nproc']} cores, {m['memory_gb']} GB, {m['platform']}")
+    print(f"load average (1 min) before/after: {before:.2f}/{after:.2f}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    print(
+        f"model: {s['model_name']} at {s['image_size']}px, layers {s['layers']}, B={s['batch']}, "
+        f"P={s['prompts']}, {s['device']}, onnxruntime options: {s['ort_options']}, "
+        f"median of {s['repeats']}\n"
+    )
+    cols = ["median s", "images/s", "vs plain", "B=1 p50 ms", "p95 ms", "peak RSS MB"]
+    head = f"{'method':<34} " + " ".join(f"{c:>11}" for c in cols)
+    print(head + "\n" + "-" * len(head))
+    nan = float("nan")
+    for name, row in r["rows"].items():
+        lat = row["latency_b1_ms"] or {"p50": nan, "p95": nan}
+        ratio = r.get("ratio_vs_plain", {}).get(name, nan)
+        values = [f"{row['median_s']:.3f}", f"{row['images_per_s']:.2f}", f"{ratio:.2f}x"]
+        values += [f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", f"{row['rss_mb']['peak_workload']:.0f}"]
+        print(f"{name:<34} " + " ".join(f"{v:>11}" for v in values))
+    for key in ("authors", "released"):
+        if f"{key}_over_legrad_onnx" in r:
+            print(f"{METHODS[key]} / LeGrad ONNX: {r[f'{key}_over_legrad_onnx']:.2f}x")
+    sw = r.get("sweep")
+    if sw:
+        print(f"\nsweep (median s, plain forward {sw['plain_s']:.3f}s):")
+        print("  " + ", ".join(f"{k} {v:.3f}" for k, v in sw["median_s"].items() if k != "plain"))
+        for what, key in (("prompt", "prompt"), (f"layer (P={s['prompts']})", "layer")):
+            if f"marginal_{key}_s" in sw:
+                share = 100 * sw[f"marginal_{key}_vs_plain"]
+                print(f"  one more {what}: {sw[f'marginal_{key}_s']:.4f}s = {share:.1f}% of a plain forward")
+    if "int8_agreement" in r:
+        a = r["int8_agreement"]
+        for key in ("heatmaps", "layer_maps"):
+            x = a[key]
+            print(
+                f"int8 vs fp32 {key}: Pearson min {x['pearson_min']:.4f} mean {x['pearson_mean']:.4f}, "
+                f"max abs diff {x['max_abs_diff']:.3g} ({x['maps']} maps)"
+            )
+        print(f"int8 vs fp32 image embeddings: min cosine {a['image_embeds_min_cosine']:.5f}")
+    if "sanity_max_abs_diff" in r:
+        print(
+            "sanity, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in r["sanity_max_abs_diff"].items())
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        work = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="legrad-bench-")))
+        work.mkdir(parents=True, exist_ok=True)
+        report = run(args, work)
+    report["wall_s"] = time.perf_counter() - start
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
