@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
     p.add_argument(
         "--layers",
-        default=str(DEFAULT_LAYERS),
-        help="blocks to explain: -2 = last two (default), k = blocks k..L-1, 'all', or a list '8,10,11'",
+        default=None,
+        help="blocks to explain: -2 = last two, k = blocks k..L-1, 'all', or a list '8,10,11' (default: "
+        f"what a local model folder's legrad_defaults.json names, else {DEFAULT_LAYERS})",
     )
     p.add_argument(
         "--resize-mode",

@@ -30,12 +30,16 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 from legrad_runtime.errors import ExportError, UnsupportedModelError
-from legrad_runtime.metadata import TokenizerCfg, sha256_file
+from legrad_runtime.metadata import TokenizerCfg, Vocabulary, sha256_file
 
+from .layers import DEFAULT_LAYERS
 from .vit import ViTConfig
 
 __all__ = [
+    "DEFAULTS_FILE",
+    "ModelDefaults",
     "LoadedModel",
+    "default_layer_spec",
     "list_vit_models",
     "load_openclip",
     "wrap_openclip",
@@ -57,6 +61,36 @@ _CHECKPOINT_ERRORS = (
 )
 
 
+DEFAULTS_FILE = "legrad_defaults.json"  # optional, in a local model folder: what its trainer recommends
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A local model folder's recommendations to the exporter (`legrad_defaults.json`)."""
+
+    layers: str | None = None  # a layer spec such as "-2" or "3,4,5"
+    vocabulary: Vocabulary | None = None
+
+
+def read_model_defaults(folder: Path) -> ModelDefaults:
+    """`legrad_defaults.json` of a local model folder; no file means no recommendations."""
+    path = folder / DEFAULTS_FILE
+    if not path.is_file():
+        return ModelDefaults()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocabulary = data.get("vocabulary")
+        return ModelDefaults(
+            layers=None if data.get("layers") is None else str(data["layers"]),
+            vocabulary=None if vocabulary is None else Vocabulary.from_dict(vocabulary),
+        )
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ExportError(
+            f"{path} is malformed ({exc}); expected {{'layers': '-2', 'vocabulary': {{'slots': {{...}}, "
+            "'templates': [...]}}}}, or delete the file"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """An open_clip CLIP model (eval, fp32, CPU) and what the exporter needs to know about it."""
@@ -69,6 +103,7 @@ class LoadedModel:
     preprocess: dict[str, Any]  # open_clip's preprocess cfg: size, mean, std, interpolation, resize_mode
     tokenizer: Any  # open_clip tokenizer (callable: list[str] -> LongTensor)
     context_length: int
+    defaults: ModelDefaults = ModelDefaults()
 
     @property
     def logit_scale(self) -> float:
@@ -185,7 +220,12 @@ def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str |
         raise _explain_load_failure(model_name, pretrained, value, exc) from exc
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
-    return wrap_openclip(model, model_name, label, tokenizer=tokenizer, checkpoint_sha256=sha)
+    defaults = (
+        read_model_defaults(Path(model_name[len(schema) :])) if schema == "local-dir:" else ModelDefaults()
+    )
+    return wrap_openclip(
+        model, model_name, label, tokenizer=tokenizer, checkpoint_sha256=sha, defaults=defaults
+    )
 
 
 def _explain_load_failure(model_name: str, pretrained: str, value: str | None, exc: Exception) -> ExportError:
@@ -260,6 +300,7 @@ def wrap_openclip(
     *,
     tokenizer: Any = None,
     checkpoint_sha256: str | None = None,
+    defaults: ModelDefaults = ModelDefaults(),
 ) -> LoadedModel:
     """Describe an already-built open_clip model (not copied, never modified) for export."""
     vit = describe_vit(model, model_name)
@@ -282,7 +323,13 @@ def wrap_openclip(
         preprocess=preprocess,
         tokenizer=tokenizer,
         context_length=int(getattr(tokenizer, "context_length", None) or model.context_length),
+        defaults=defaults,
     )
+
+
+def default_layer_spec(loaded: LoadedModel) -> str:
+    """The layer set to use when none is given: the model folder's recommendation, else the last two."""
+    return loaded.defaults.layers or str(DEFAULT_LAYERS)
 
 
 def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:

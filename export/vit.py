@@ -120,12 +120,17 @@ class Block(nn.Module):
         self.gamma_1 = _param(sd.get(prefix + "ls_1.gamma", ones))
         self.gamma_2 = _param(sd.get(prefix + "ls_2.gamma", ones))
 
-    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax attention (B, H, N, N) and values (B, H, N, dh) of block input x (B, N, D)."""
         B, N, D = x.shape
         H, dh = self.cfg.heads, self.cfg.head_dim
         qkv = F.linear(self.ln_1(x), self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
         q, k, v = qkv.reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, dh)
-        attn = torch.softmax((q * dh**-0.5) @ k.transpose(-1, -2), dim=-1)  # (B, H, N, N)
+        return torch.softmax((q * dh**-0.5) @ k.transpose(-1, -2), dim=-1), v  # (B, H, N, N)
+
+    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, D = x.shape
+        attn, v = self.attention_probs(x)
         o = (attn @ v).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return F.linear(o, self.out_proj_weight, self.out_proj_bias), v
 

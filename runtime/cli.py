@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model_dir", help="an exported model folder (legrad-export writes them)")
     ex.add_argument("images", nargs="+", help="image files, globs or folders")
     ex.add_argument("-p", "--prompt", action="append", dest="prompts", help="a text prompt (repeat for more)")
+    ex.add_argument(
+        "--vocabulary",
+        action="store_true",
+        help="also explain every prompt formed from the model's vocabulary (see `legrad info`)",
+    )
     ex.add_argument("--out", default="legrad_out", help="output folder (default: legrad_out)")
     ex.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA when available")
     ex.add_argument("--batch-size", type=int, default=None, help="images per call (default: from memory)")
@@ -91,6 +96,12 @@ def _unique(name: str, used: set[str]) -> str:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    args.prompts = list(args.prompts or [])
+    if args.vocabulary:
+        vocabulary = read_metadata(args.model_dir).vocabulary
+        if vocabulary is None:
+            raise UsageError(f"{args.model_dir} has no vocabulary (see `legrad info`); give prompts with -p")
+        args.prompts = list(dict.fromkeys(args.prompts + vocabulary.prompts()))
     if not args.prompts:
         raise UsageError('give at least one prompt with -p, e.g. -p "a photo of a cat"')
     if args.batch_size is not None and args.batch_size < 1:
@@ -147,8 +158,15 @@ def _summary(m: ModelMetadata) -> str:
         f"context {m.tokenizer.context_length}",
         f"exported by  legrad-onnx {m.exporter_version}, open_clip {m.open_clip_version}, torch "
         f"{m.torch_version}, opset {m.opset}; schema v{m.schema_version}",
-        "files",
     ]
+    if m.vocabulary is not None:
+        slots = "; ".join(f"{name}: {', '.join(values)}" for name, values in m.vocabulary.slots.items())
+        example = m.vocabulary.prompts()[0]
+        lines += [
+            f"vocabulary   {slots}",
+            f"  templates  {' | '.join(m.vocabulary.templates)}  (e.g. {example!r}; --vocabulary uses all)",
+        ]
+    lines.append("files")
     lines += [
         f"  {e.path:<28} {e.size_bytes / 1e6:9.1f} MB  sha256 {e.sha256[:16]}…" for e in m.files.values()
     ]

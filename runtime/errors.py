@@ -15,6 +15,7 @@ __all__ = [
     "InputError",
     "ImageInputError",
     "PromptError",
+    "CaseFolderError",
     "DeviceFallbackWarning",
 ]
 
@@ -60,6 +61,10 @@ class ImageInputError(InputError):
 
 class PromptError(InputError):
     """Prompts or text embeddings cannot be used (empty list, empty string, wrong width...)."""
+
+
+class CaseFolderError(InputError):
+    """An evaluation cases folder cannot be used: bad cases.csv, missing file, mask that does not fit."""
 
 
 class DeviceFallbackWarning(UserWarning):

@@ -7,7 +7,9 @@ is versioned; a reader refuses metadata from a newer schema instead of guessing.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,14 @@ __all__ = [
     "PreprocessCfg",
     "TokenizerCfg",
     "FileEntry",
+    "Vocabulary",
     "ModelMetadata",
     "sha256_file",
     "read_metadata",
     "verify_files",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: optional `vocabulary`; v1 folders are still read
 METADATA_FILE = "legrad.json"
 ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, minus `files` and `extra`
 
@@ -135,6 +138,47 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Vocabulary:
+    """The concepts a model was trained on, so tools can form prompts without guessing.
+
+    A prompt fills one value per slot into a template: with slots {"color": ("red",), "shape":
+    ("circle",)}, "{a} {color} {shape}" gives "a red circle". `{a}` becomes "a" or "an" to suit the
+    word after it.
+    """
+
+    slots: dict[str, tuple[str, ...]]
+    templates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.slots or not all(self.slots.values()):
+            raise ValueError("a vocabulary needs at least one slot, each with at least one value")
+        if not self.templates:
+            raise ValueError("a vocabulary needs at least one template")
+        for template in self.templates:
+            unknown = set(re.findall(r"{(\w+)}", template)) - set(self.slots) - {"a"}
+            if unknown:
+                raise ValueError(f"template {template!r} names unknown slot(s) {sorted(unknown)}")
+
+    def prompts(self, template: int = 0) -> list[str]:
+        """Every combination of slot values in one template, the first slot varying slowest (no repeats)."""
+        names = list(self.slots)
+        out = []
+        for values in itertools.product(*self.slots.values()):
+            text = self.templates[template].format(a="\0", **dict(zip(names, values)))
+            out.append(
+                re.sub(r"\0(\s+)(\w)", lambda m: ("an" if m[2] in "aeiouAEIOU" else "a") + m[1] + m[2], text)
+            )
+        return list(dict.fromkeys(out))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
+        return cls(
+            slots={str(k): tuple(str(v) for v in vals) for k, vals in dict(data["slots"]).items()},
+            templates=tuple(str(t) for t in data["templates"]),
+        )
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """Everything a runtime needs to use an exported folder, and where it came from."""
 
@@ -159,6 +203,7 @@ class ModelMetadata:
     tokenizer: TokenizerCfg
     files: dict[str, FileEntry] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    vocabulary: Vocabulary | None = None  # what the model knows, when its trainer said so (v2)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self, *, embedded: bool = False) -> dict[str, Any]:
@@ -199,6 +244,8 @@ class ModelMetadata:
             tok["files"] = tuple(tok["files"])
             values["tokenizer"] = TokenizerCfg(**tok)
             values["files"] = {k: FileEntry(**v) for k, v in values.get("files", {}).items()}
+            if values.get("vocabulary") is not None:
+                values["vocabulary"] = Vocabulary.from_dict(values["vocabulary"])
             return cls(**values)
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelFolderError(f"{source}: malformed metadata ({exc}); re-export the model") from exc

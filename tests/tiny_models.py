@@ -62,6 +62,11 @@ def random_inputs(batch: int, prompts: int, size: int, embed_dim: int, seed: int
 
 
 RUNTIME_VARIANT = "layerscale"  # the runtime tests' model: every feature the math has
+# the runtime test model ships a vocabulary (as a trainer's legrad_defaults.json would give it)
+RUNTIME_VOCABULARY = {
+    "slots": {"color": ["red", "orange"], "shape": ["circle", "square"]},
+    "templates": ["{a} {color} {shape}", "a photo of {a} {color} {shape}"],
+}
 
 
 def export_runtime_folders(out: Path) -> dict[str, Path]:
@@ -69,7 +74,9 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
     from legrad_export.load import load_openclip
     from legrad_export.onnx_export import ExportSettings, export_model
 
-    loaded = load_openclip(str(save_tiny_model_dir(out / "source", RUNTIME_VARIANT)))
+    source = save_tiny_model_dir(out / "source", RUNTIME_VARIANT)
+    (source / "legrad_defaults.json").write_text(json.dumps({"vocabulary": RUNTIME_VOCABULARY}))
+    loaded = load_openclip(str(source))
     folders = {}
     for mode in ("squash", "shortest"):
         folder = export_model(loaded, out / mode, ExportSettings(resize_mode=mode, overwrite=True))

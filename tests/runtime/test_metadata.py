@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from legrad_runtime.metadata import (
     ModelMetadata,
     PreprocessCfg,
     TokenizerCfg,
+    Vocabulary,
     read_metadata,
     sha256_file,
     verify_files,
@@ -99,3 +101,35 @@ def test_importing_the_runtime_never_imports_torch():
     code = "import sys, legrad_runtime, legrad_runtime.metadata; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_vocabulary_forms_every_prompt_with_the_right_article():
+    vocab = Vocabulary({"color": ("red", "orange"), "shape": ("circle", "cross")}, ("{a} {color} {shape}",))
+    assert vocab.prompts() == ["a red circle", "a red cross", "an orange circle", "an orange cross"]
+
+
+def test_vocabulary_rejects_a_template_with_an_unknown_slot():
+    with pytest.raises(ValueError, match="size"):
+        Vocabulary({"color": ("red",)}, ("{a} {size} {color} thing",))
+
+
+def test_vocabulary_round_trips_and_v1_metadata_without_it_still_reads(tmp_path):
+    meta = _folder(tmp_path)
+    vocab = Vocabulary({"color": ("red",), "shape": ("circle", "square")}, ("{a} {color} {shape}", "{shape}"))
+    with_vocab = dataclasses.replace(meta, vocabulary=vocab)
+    (tmp_path / METADATA_FILE).write_text(with_vocab.to_json())
+    assert read_metadata(tmp_path).vocabulary == vocab
+
+    v1 = json.loads(meta.to_json())
+    v1.pop("vocabulary")
+    v1["schema_version"] = 1
+    (tmp_path / METADATA_FILE).write_text(json.dumps(v1))
+    assert read_metadata(tmp_path).vocabulary is None
+
+
+def test_malformed_vocabulary_is_a_model_folder_error(tmp_path):
+    data = json.loads(_folder(tmp_path).to_json())
+    data["vocabulary"] = {"slots": {"color": []}, "templates": ["{color}"]}
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelFolderError, match="vocabulary needs"):
+        read_metadata(tmp_path)

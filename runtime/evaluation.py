@@ -1,0 +1,455 @@
+"""Scoring heatmaps against object masks: pointing game, IoU at a threshold, relevance mass inside.
+
+Model-free and torch-free (numpy and PIL), so it scores anyone's saved heatmaps. A *case* is one
+(image, prompt, mask) triple; a cases folder holds a `cases.csv`:
+
+    image,prompt,mask,group
+    img/0001.png,a red circle,masks/0001_0.png,unique colour
+    img/0001.png,a blue square,masks/0001_1.png,
+
+- `image`, `mask`: paths relative to the folder (absolute paths work too). `group` is optional (the
+  column, and the value in each row); cases are reported per group and all together ("all").
+- A mask is any image PIL reads (PNG is best: lossless), the size of its image. A pixel is inside
+  when any of its colour channels is nonzero; an alpha channel is ignored, palette images are looked
+  up first. Both image and mask are taken upright per their EXIF orientation, as the runtime does.
+
+Metrics for one heatmap (H, W) and mask (H, W) bool, at the mask's (= the original image's) size:
+
+- `pointing_hit`: is the map's maximum inside the mask? Ties (values within 1e-6 of the map's range
+  from its maximum) are broken uniformly at random in expectation: the score is the share of the
+  maximal pixels that lie inside, so a constant map scores the mask's area share, chance level.
+- `iou_at`: IoU of {heatmap ≥ threshold} with the mask.
+- `mass_inside`: share of the map's total (non-negative) relevance that falls inside the mask; a map
+  with no relevance at all scores the mask's area share, like a uniform one.
+
+`score_cases` min-max normalises every map over the original image before scoring (a constant map
+becomes zeros), so all methods are compared on the same footing: threshold 0.5 means half way
+between a map's minimum and maximum. Maps of another size are first resized to the mask's size with
+PIL's bilinear filter (which antialiases when shrinking).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import CaseFolderError, InputError
+
+__all__ = [
+    "ALL",
+    "CASES_FILE",
+    "Case",
+    "CaseScore",
+    "Evaluation",
+    "MethodScore",
+    "centre_prior",
+    "format_table",
+    "iou_at",
+    "load_cases",
+    "load_mask",
+    "load_saved_heatmaps",
+    "mass_inside",
+    "min_max",
+    "pointing_hit",
+    "resize_heatmap",
+    "save_heatmaps",
+    "score_cases",
+]
+
+CASES_FILE = "cases.csv"
+ALL = "all"  # the group every case belongs to
+_COLUMNS = ("image", "prompt", "mask", "group")
+_REQUIRED = ("image", "prompt", "mask")
+_TIE_TOLERANCE = 1e-6
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+# ---------------------------------------------------------------- per-case metrics
+
+
+def _check_pair(heatmap: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    mask = np.asarray(mask)
+    if heatmap.ndim != 2:
+        raise InputError(f"a heatmap must be 2-D (H, W), got shape {heatmap.shape}")
+    if mask.shape != heatmap.shape:
+        raise InputError(f"heatmap shape {heatmap.shape} differs from mask shape {mask.shape}")
+    if not np.isfinite(heatmap).all():
+        raise InputError("heatmap contains NaN or infinite values")
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise InputError("mask is empty: no pixel is inside, so nothing can be scored")
+    return heatmap, mask
+
+
+def min_max(heatmap: np.ndarray) -> np.ndarray:
+    """float64 map scaled to [0, 1] over its pixels; a constant map becomes zeros."""
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    lo, hi = float(heatmap.min()), float(heatmap.max())
+    return (heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(heatmap)
+
+
+def _unit(heatmap: np.ndarray) -> np.ndarray:
+    """The map as is when it lies in [0, 1], else min-max normalised."""
+    return heatmap if heatmap.min() >= 0 and heatmap.max() <= 1 else min_max(heatmap)
+
+
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """1.0 if the map's maximum lies inside the mask, 0.0 if outside; ties give the share inside."""
+    heatmap, mask = _check_pair(heatmap, mask)
+    hi, lo = float(heatmap.max()), float(heatmap.min())
+    top = heatmap >= hi - _TIE_TOLERANCE * (hi - lo)
+    return float((top & mask).sum() / top.sum())
+
+
+def iou_at(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
+    """IoU of {heatmap ≥ threshold} with the mask. A map outside [0, 1] is min-max normalised first."""
+    if not 0 <= threshold <= 1:
+        raise InputError(f"threshold {threshold} is outside [0, 1]")
+    heatmap, mask = _check_pair(heatmap, mask)
+    pred = _unit(heatmap) >= threshold
+    return float((pred & mask).sum() / (pred | mask).sum())  # the mask is non-empty: union > 0
+
+
+def mass_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's relevance inside the mask. A map outside [0, 1] is min-max normalised first;
+    a map that sums to zero counts as uniform (the mask's area share)."""
+    heatmap, mask = _check_pair(heatmap, mask)
+    heatmap = _unit(heatmap)
+    total = float(heatmap.sum())
+    if total <= 0:
+        return float(mask.mean())
+    return float(heatmap[mask].sum() / total)
+
+
+def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 (H, W) map resized to size = (height, width) with PIL's bilinear filter."""
+    heatmap = np.ascontiguousarray(heatmap, dtype=np.float32)
+    if heatmap.ndim != 2:
+        raise InputError(f"a heatmap must be 2-D (H, W), got shape {heatmap.shape}")
+    height, width = size
+    if heatmap.shape == (height, width):
+        return heatmap
+    resized = Image.fromarray(heatmap, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def centre_prior(height: int, width: int, sigma: float = 0.25) -> np.ndarray:
+    """A model-free baseline: float32 (height, width) Gaussian centred on the image, peak 1.
+
+    Its standard deviation is `sigma` times the side along each axis; pixel centres are at i + 0.5.
+    """
+    if height <= 0 or width <= 0 or sigma <= 0:
+        raise InputError(f"centre_prior needs positive sizes and sigma, got {height}x{width}, sigma={sigma}")
+    y = ((np.arange(height) + 0.5) / height - 0.5) / sigma  # in standard deviations from the centre
+    x = ((np.arange(width) + 0.5) / width - 0.5) / sigma
+    return np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- cases folders
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (image, prompt, mask) triple; `group` labels a subset reported on its own (or None)."""
+
+    image: Path
+    prompt: str
+    mask: Path
+    group: str | None = None
+
+
+def _open(path: Path, what: str, where: str | None = None) -> Image.Image:
+    prefix = f"{where}: " if where else ""
+    if not path.is_file():
+        raise CaseFolderError(f"{prefix}{what} file {path} does not exist")
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CaseFolderError(f"{prefix}{what} {path} is not an image PIL can read ({exc})") from exc
+
+
+def _upright_size(path: Path, row: str) -> tuple[int, int]:
+    """(width, height) of an image after its EXIF orientation, without decoding its pixels."""
+    with _open(path, "image", row) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+    return width, height
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """(H, W) bool: pixels where any colour channel is nonzero (alpha ignored; palettes looked up)."""
+    path = Path(path)
+    with _open(path, "mask") as opened:
+        try:
+            img = ImageOps.exif_transpose(opened)
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CaseFolderError(f"mask {path} is corrupt or truncated ({exc})") from exc
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    elif img.mode not in ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F", "RGB", "RGBA"):
+        img = img.convert("RGB")
+    values = np.asarray(img)
+    if values.ndim == 3:
+        if img.mode in ("LA", "RGBA"):
+            values = values[..., :-1]  # drop alpha
+        return (values != 0).any(axis=-1)
+    return values != 0
+
+
+def _read_rows(csv_path: Path) -> list[dict[str, str]]:
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+            unknown = [h for h in header if h not in _COLUMNS]
+            missing = [c for c in _REQUIRED if c not in header]
+            if missing or unknown or len(set(header)) != len(header):
+                raise CaseFolderError(
+                    f"{csv_path} has header {','.join(header) or '(none)'}; expected image,prompt,mask "
+                    "and optionally group (e.g. 'image,prompt,mask,group')"
+                )
+            reader.fieldnames = header
+            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise CaseFolderError(f"{csv_path} is not UTF-8 text ({exc})") from exc
+    except csv.Error as exc:
+        raise CaseFolderError(f"{csv_path} is not valid CSV ({exc})") from exc
+    if not rows:
+        raise CaseFolderError(f"{csv_path} lists no cases; add one row per (image, prompt, mask)")
+    return rows
+
+
+def load_cases(folder: str | Path, check_masks: bool = True) -> list[Case]:
+    """Read FOLDER/cases.csv (format: see the module docstring) into Cases, checking every file.
+
+    With `check_masks`, each mask is decoded and must be non-empty and the size of its (upright)
+    image. Every problem raises CaseFolderError naming the CSV row (data rows count from 1).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CaseFolderError(f"cases folder {folder} does not exist or is not a folder")
+    csv_path = folder / CASES_FILE
+    if not csv_path.is_file():
+        raise CaseFolderError(
+            f"{folder} has no {CASES_FILE}; write one with the header image,prompt,mask[,group]"
+        )
+    cases, sizes = [], {}
+    for number, row in enumerate(_read_rows(csv_path), start=1):
+        where = f"{csv_path} row {number}"
+        if not row["image"] or not row["mask"] or not row["prompt"]:
+            empty = [c for c in _REQUIRED if not row[c]]
+            raise CaseFolderError(f"{where}: empty {', '.join(empty)}")
+        group = row.get("group") or None
+        if group is not None and group.lower() == ALL:
+            raise CaseFolderError(f"{where}: group name {group!r} is reserved for all cases; pick another")
+        case = Case(folder / row["image"], row["prompt"], folder / row["mask"], group)
+        if case.image not in sizes:
+            sizes[case.image] = _upright_size(case.image, where)
+        if check_masks:
+            mask = _checked_mask(case, where)
+            width, height = sizes[case.image]
+            if mask.shape != (height, width):
+                raise CaseFolderError(
+                    f"{where}: mask {case.mask} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                    f"{case.image} is {width}x{height}; a mask must have its image's size"
+                )
+            if not mask.any():
+                raise CaseFolderError(f"{where}: mask {case.mask} is empty (no nonzero pixel)")
+        cases.append(case)
+    return cases
+
+
+def _checked_mask(case: Case, where: str) -> np.ndarray:
+    try:
+        return load_mask(case.mask)
+    except CaseFolderError as exc:
+        raise CaseFolderError(f"{where}: {exc}") from exc
+
+
+def load_saved_heatmaps(folder: str | Path, count: int) -> list[np.ndarray]:
+    """Heatmaps saved one per case as FOLDER/<i>.npy, i = the case's 0-based row in cases.csv.
+
+    Each is a 2-D float array, best on the original image; another size is resized when scored.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CaseFolderError(f"heatmaps folder {folder} does not exist or is not a folder")
+    missing = [i for i in range(count) if not (folder / f"{i}.npy").is_file()]
+    if missing:
+        shown = ", ".join(f"{i}.npy" for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CaseFolderError(
+            f"heatmaps folder {folder} lacks {len(missing)} of {count} files ({shown}); "
+            "save one <case index>.npy per row of cases.csv, counting from 0"
+        )
+    maps = []
+    for i in range(count):
+        path = folder / f"{i}.npy"
+        try:
+            heatmap = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CaseFolderError(f"{path} is not a readable .npy array ({exc})") from exc
+        heatmap = np.squeeze(heatmap)
+        if heatmap.ndim != 2 or not np.issubdtype(heatmap.dtype, np.number):
+            raise CaseFolderError(
+                f"{path} holds a {heatmap.dtype} array of shape {heatmap.shape}; expected (H, W)"
+            )
+        if not np.isfinite(heatmap).all():
+            raise CaseFolderError(f"{path} contains NaN or infinite values")
+        maps.append(heatmap.astype(np.float32))
+    return maps
+
+
+def save_heatmaps(folder: str | Path, heatmaps: Sequence[np.ndarray]) -> None:
+    """Write heatmaps as FOLDER/<i>.npy (float32), the layout `load_saved_heatmaps` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, heatmap in enumerate(heatmaps):
+        np.save(folder / f"{i}.npy", np.asarray(heatmap, dtype=np.float32))
+
+
+# ---------------------------------------------------------------- scoring many cases
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    """The three metrics of one method on one case."""
+
+    hit: float
+    iou: float
+    mass_inside: float
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """One method on one group: pointing (share of hits), mIoU, mean mass inside, case count."""
+
+    method: str
+    group: str
+    pointing: float
+    miou: float
+    mass_inside: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Scores of every method: one row per (method, group), and the per-case scores."""
+
+    methods: tuple[str, ...]
+    groups: tuple[str, ...]  # ALL first, then the cases' groups in order of first appearance
+    threshold: float
+    rows: tuple[MethodScore, ...]
+    per_case: Mapping[str, tuple[CaseScore, ...]]
+
+    def row(self, method: str, group: str = ALL) -> MethodScore:
+        for r in self.rows:
+            if r.method == method and r.group == group:
+                return r
+        raise KeyError(f"no scores for method {method!r} in group {group!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready numbers: the table rows and every case's scores."""
+        return {
+            "threshold": self.threshold,
+            "rows": [vars(r) for r in self.rows],
+            "per_case": {m: [vars(s) for s in scores] for m, scores in self.per_case.items()},
+        }
+
+
+def score_cases(
+    cases: Sequence[Case],
+    heatmaps: Mapping[str, Sequence[np.ndarray]],
+    threshold: float = 0.5,
+    masks: Sequence[np.ndarray] | None = None,
+) -> Evaluation:
+    """Score each method's heatmaps (one per case, in order) against the cases' masks.
+
+    Maps are resized to the mask's size if needed (bilinear) and min-max normalised; `masks`, when
+    given, are used instead of reading each case's mask file.
+    """
+    if not cases:
+        raise InputError("no cases to score")
+    if not heatmaps:
+        raise InputError("no methods to score; pass {method name: [one heatmap per case]}")
+    for method, maps in heatmaps.items():
+        if len(maps) != len(cases):
+            raise InputError(f"method {method!r} has {len(maps)} heatmaps for {len(cases)} cases")
+    if masks is not None and len(masks) != len(cases):
+        raise InputError(f"{len(masks)} masks for {len(cases)} cases")
+
+    per_case: dict[str, list[CaseScore]] = {m: [] for m in heatmaps}
+    for i, case in enumerate(cases):
+        mask = np.asarray(masks[i], dtype=bool) if masks is not None else load_mask(case.mask)
+        for method, maps in heatmaps.items():
+            try:
+                h = min_max(resize_heatmap(maps[i], mask.shape))
+                per_case[method].append(
+                    CaseScore(pointing_hit(h, mask), iou_at(h, mask, threshold), mass_inside(h, mask))
+                )
+            except InputError as exc:
+                raise InputError(
+                    f"case {i} ({case.image.name}, {case.prompt!r}), method {method!r}: {exc}"
+                ) from exc
+
+    groups = [ALL] + list(dict.fromkeys(c.group for c in cases if c.group is not None))
+    rows = []
+    for group in groups:
+        members = [i for i, c in enumerate(cases) if group == ALL or c.group == group]
+        for method in heatmaps:
+            scores = [per_case[method][i] for i in members]
+            rows.append(
+                MethodScore(
+                    method,
+                    group,
+                    pointing=_mean(s.hit for s in scores),
+                    miou=_mean(s.iou for s in scores),
+                    mass_inside=_mean(s.mass_inside for s in scores),
+                    n=len(scores),
+                )
+            )
+    return Evaluation(
+        tuple(heatmaps), tuple(groups), threshold, tuple(rows), {m: tuple(s) for m, s in per_case.items()}
+    )
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values)
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """An aligned text table: one block per group, one line per method."""
+    head = ("group", "method", "pointing %", f"mIoU@{evaluation.threshold:g}", "mass inside", "n")
+    lines = []
+    for group in evaluation.groups:
+        for k, method in enumerate(evaluation.methods):
+            r = evaluation.row(method, group)
+            lines.append(
+                (
+                    group if k == 0 else "",
+                    method,
+                    f"{100 * r.pointing:.1f}",
+                    f"{r.miou:.3f}",
+                    f"{r.mass_inside:.3f}",
+                    str(r.n),
+                )
+            )
+    widths = [max(len(row[c]) for row in [head, *lines]) for c in range(len(head))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        left = [row[c].ljust(widths[c]) for c in (0, 1)]
+        right = [row[c].rjust(widths[c]) for c in range(2, len(head))]
+        return "  ".join(left + right).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(head), rule, *(fmt(row) for row in lines)])

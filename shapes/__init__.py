@@ -1,0 +1,1 @@
+"""Generated shape scenes, and a small OpenCLIP model trained on them (the embedded default)."""

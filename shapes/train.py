@@ -1,0 +1,305 @@
+"""Train a small OpenCLIP model on generated scenes, contrastively, every present object's caption a
+positive. Deterministic under a seed (fixed thread count, fixed number of steps).
+
+    python -m legrad_shapes.train --out shapes/model [--steps N] [--seed 0]
+
+The output folder is an open_clip `local-dir:` model (open_clip_config.json + fp16 safetensors) plus
+`legrad_defaults.json`: the layer set the exporter should use for it and its vocabulary (colours, shapes,
+templates), so tools can form prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors.torch import save_file
+
+from .scenes import COLORS, SHAPES, TEMPLATES, class_captions, make_scene, partial_captions
+
+__all__ = ["TrainConfig", "caption_overlap", "model_config", "multi_positive_loss", "train", "zero_shot_accuracy"]
+
+# open_clip's default preprocessing (OPENAI_DATASET_MEAN / STD), so the exported model needs no overrides
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+VAL_SINGLE_SEED = 20_001  # held-out streams for choices made during development; tests use others
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    text_width: int = 128
+    text_layers: int = 3
+    embed_dim: int = 128
+    context_length: int = 16
+    batch_size: int = 64
+    steps: int = 3600
+    pool: int = 60_000  # scenes generated once up front and sampled from (0: a fresh scene every time)
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+    threads: int = 2
+    layers: str = "-2"  # the layer set written to legrad_defaults.json for the exporter
+    logit_scale: float = 1 / 0.07  # the learnable inverse temperature's start (CLIP's default)
+    partial_captions: bool = True  # also 'a circle', 'a red object' as captions
+    text_separation: float = 1.0  # weight of `caption_overlap`: keeps class captions' embeddings apart
+
+
+def model_config(cfg: TrainConfig) -> dict:
+    """The open_clip model config: a small ViT and a small text tower using the standard CLIP BPE."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "width": cfg.vision_width,
+            "layers": cfg.vision_layers,
+            "head_width": 64,
+            "mlp_ratio": 4.0,
+            # the embedding is LN_post(mean of the tokens) @ proj: the very score LeGrad differentiates
+            # at every layer, so its maps follow what the model uses (CLS pooling scattered them)
+            "pool_type": "avg",
+            "final_ln_after_pool": True,
+        },
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": 49408,
+            "width": cfg.text_width,
+            "heads": max(1, cfg.text_width // 64),
+            "layers": cfg.text_layers,
+        },
+    }
+
+
+def render(
+    seed: int, start: int, count: int, size: int, n_objects: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes start..start+count-1 of stream `seed`: uint8 pixels (count, S, S, 3) and multi-hot class
+    targets (count, classes)."""
+    pixels = np.empty((count, size, size, 3), np.uint8)
+    targets = np.zeros((count, len(COLORS) * len(SHAPES)), np.float32)
+    for i in range(count):
+        scene = make_scene(seed, start + i, size, n_objects)
+        pixels[i] = scene.image
+        for obj in scene.objects:
+            targets[i, obj.label] = 1
+    return pixels, targets
+
+
+def to_pixel_values(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) → normalised float (B, 3, S, S), as open_clip's preprocessing at native size."""
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def scene_batch(
+    seed: int, start: int, count: int, size: int, n_objects: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`render`, as model inputs: pixel values and targets."""
+    pixels, targets = render(seed, start, count, size, n_objects)
+    return to_pixel_values(pixels), torch.from_numpy(targets)
+
+
+def multi_positive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss over (images × class captions) where every present object's caption
+    is a positive: each direction is a cross-entropy against the uniform distribution over positives
+    (image → its present classes; class → the images in the batch that contain it)."""
+    i2t = -(targets / targets.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    present = targets.sum(0) > 0
+    t_logits, t_targets = logits.T[present], targets.T[present]  # (C', B)
+    t2i = -(t_targets / t_targets.sum(1, keepdim=True) * F.log_softmax(t_logits, 1)).sum(1).mean()
+    return (i2t + t2i) / 2
+
+
+def caption_overlap(text: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between the embeddings of different class captions.
+
+    Early on the image tower sees colour but not yet shape, and the contrastive loss alone then
+    teaches the text tower to ignore shape words too: captions that differ only in shape collapse
+    onto one embedding, and the image tower gets no signal to learn shape. This term keeps them apart.
+    """
+    sim = text @ text.T  # (C, C)
+    off = ~torch.eye(len(text), dtype=torch.bool)
+    return sim[off].pow(2).mean()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: open_clip.CLIP, tokenizer, seed: int, count: int, size: int
+) -> dict[str, float]:
+    """On single-object scenes: how often the own caption scores highest among all class captions
+    ("accuracy"), and how often the best caption at least names the right colour / shape."""
+    model.eval()
+    text = F.normalize(model.encode_text(tokenizer(class_captions())), dim=-1)
+    pred, true = [], []
+    for start in range(0, count, 120):
+        x, y = scene_batch(seed, start, min(120, count - start), size, n_objects=1)
+        pred.append((F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(1))
+        true.append(y.argmax(1))
+    p, t, k = torch.cat(pred), torch.cat(true), len(SHAPES)
+    return {
+        "accuracy": (p == t).float().mean().item(),
+        "colour": (p // k == t // k).float().mean().item(),
+        "shape": (p % k == t % k).float().mean().item(),
+    }
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
+    """Train, write the model folder to `out`, and return a summary (loss curve, accuracy, time)."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    model = open_clip.CLIP(**model_config(cfg), init_logit_scale=math.log(cfg.logit_scale))
+    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
+    # every class under every template, tokenised once: (templates, classes, context)
+    tokens = torch.stack([tokenizer(class_captions(t)) for t in range(len(TEMPLATES))])
+    partial_tokens = tokenizer(partial_captions())  # shapes first, then colours
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            (s + 1) / cfg.warmup
+            if s < cfg.warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+        ),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_classes = tokens.shape[1]
+    if cfg.pool:
+        print(f"rendering {cfg.pool} training scenes", flush=True)
+        pool_pixels, pool_targets = render(cfg.seed, 0, cfg.pool, cfg.image_size)
+    log: list[dict] = []
+    start_time = time.perf_counter()
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as progress:
+        task = progress.add_task("train", total=cfg.steps, loss=float("nan"))
+        for step in range(cfg.steps):
+            model.train()
+            if cfg.pool:
+                idx = torch.randint(cfg.pool, (cfg.batch_size,), generator=gen).numpy()
+                x, targets = to_pixel_values(pool_pixels[idx]), torch.from_numpy(pool_targets[idx])
+            else:
+                x, targets = scene_batch(cfg.seed, step * cfg.batch_size, cfg.batch_size, cfg.image_size)
+            template = torch.randint(len(TEMPLATES), (n_classes,), generator=gen)
+            captions = tokens[template, torch.arange(n_classes)]
+            if cfg.partial_captions:
+                captions = torch.cat([captions, partial_tokens])
+            image = model.encode_image(x, normalize=True)
+            text = model.encode_text(captions, normalize=True)
+            logits = model.logit_scale.exp() * image @ text.T
+            loss = multi_positive_loss(logits[:, :n_classes], targets)
+            if cfg.text_separation:  # among class captions, and among shape-only captions
+                overlap = caption_overlap(text[:n_classes])
+                if cfg.partial_captions:
+                    overlap = overlap + caption_overlap(text[n_classes : n_classes + len(SHAPES)])
+                loss = loss + cfg.text_separation * overlap
+            if cfg.partial_captions:  # the shape-only and colour-only captions, each its own softmax
+                by_kind = targets.view(-1, len(COLORS), len(SHAPES))  # (B, colours, shapes)
+                shape_logits, color_logits = logits[:, n_classes:].split([len(SHAPES), len(COLORS)], 1)
+                loss = (
+                    loss
+                    + multi_positive_loss(shape_logits, by_kind.amax(1))
+                    + multi_positive_loss(color_logits, by_kind.amax(2))
+                ) / 3
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            progress.update(task, advance=1, loss=loss.item())
+            if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+                log.append({"step": step + 1, "loss": round(loss.item(), 4)})
+                if not progress.console.is_terminal:  # a log file gets a line instead of a bar
+                    elapsed = time.perf_counter() - start_time
+                    zs = zero_shot_accuracy(model, tokenizer, VAL_SINGLE_SEED, 120, cfg.image_size)
+                    print(
+                        f"step {step + 1}/{cfg.steps}  loss {loss.item():.3f}  {elapsed:.0f} s  val {zs}",
+                        flush=True,
+                    )
+    seconds = time.perf_counter() - start_time
+    model.eval()
+    accuracy = zero_shot_accuracy(model, tokenizer, VAL_SINGLE_SEED, 480, cfg.image_size)
+    summary = {
+        "config": asdict(cfg),
+        "train_seconds": round(seconds, 1),
+        "val_zero_shot": accuracy,
+        "log": log,
+    }
+    save_model_folder(model, cfg, out, summary)
+    return summary
+
+
+def save_model_folder(model: open_clip.CLIP, cfg: TrainConfig, out: Path, summary: dict) -> None:
+    """open_clip local-dir files (config + fp16 safetensors), legrad.json and the training summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": model_config(cfg),
+        "preprocess_cfg": {
+            "mean": list(MEAN),
+            "std": list(STD),
+            "interpolation": "bicubic",
+            "resize_mode": "squash",
+        },
+    }
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    defaults = {
+        "layers": cfg.layers,
+        "vocabulary": {"slots": {"color": list(COLORS), "shape": list(SHAPES)}, "templates": list(TEMPLATES)},
+    }
+    (out / "legrad_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m legrad_shapes.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    for f in TrainConfig.__dataclass_fields__.values():
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    summary = train(TrainConfig(**args), out)
+    print(f"trained in {summary['train_seconds']:.0f} s; zero-shot {summary['val_zero_shot']}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Training: the multi-positive loss, determinism under a seed, and a loadable model folder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from legrad_export.load import default_layer_spec, load_openclip
+from legrad_runtime.metadata import sha256_file
+from legrad_shapes.scenes import COLORS, SHAPES
+from legrad_shapes.train import TrainConfig, caption_overlap, multi_positive_loss, train
+
+pytestmark = pytest.mark.torch
+
+TINY = dict(
+    vision_width=64, vision_layers=2, text_width=64, text_layers=1, embed_dim=32,
+    batch_size=8, steps=3, warmup=1, pool=32, threads=1, layers="all",
+)  # fmt: skip
+
+
+def test_multi_positive_loss_matches_a_loop_over_images_and_classes():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=gen)
+    targets = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0.0]])
+
+    def ce(row: list[float], positives: list[int]) -> float:
+        log_z = math.log(sum(math.exp(v) for v in row))
+        return -sum(row[k] - log_z for k in positives) / len(positives)
+
+    rows = logits.tolist()
+    i2t = sum(ce(rows[i], [k for k in range(4) if targets[i, k]]) for i in range(5)) / 5
+    cols = [[rows[i][k] for i in range(5)] for k in range(4)]  # every class is present once at least
+    t2i = sum(ce(cols[k], [i for i in range(5) if targets[i, k]]) for k in range(4)) / 4
+    assert multi_positive_loss(logits, targets).item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
+def test_a_class_absent_from_the_batch_is_not_a_text_to_image_query():
+    logits, targets = torch.zeros(2, 3), torch.tensor([[1.0, 0, 0], [1.0, 0, 0]])
+    # image → text: log 3 per image; text → image: only class 0 is asked, log 2 over two positives
+    assert multi_positive_loss(logits, targets).item() == pytest.approx((math.log(3) + math.log(2)) / 2)
+
+
+def test_caption_overlap_is_zero_for_orthogonal_captions_and_one_for_collapsed_ones():
+    assert caption_overlap(torch.eye(3)).item() == 0
+    assert caption_overlap(torch.ones(4, 2) / math.sqrt(2)).item() == pytest.approx(1)
+    pair = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])  # cosine 0.5
+    assert caption_overlap(pair).item() == pytest.approx(0.25)
+
+
+def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(tmp_path):
+    train(TrainConfig(**TINY), tmp_path / "a")
+    train(TrainConfig(**TINY), tmp_path / "b")
+    weights = "open_clip_model.safetensors"
+    assert sha256_file(tmp_path / "a" / weights) == sha256_file(tmp_path / "b" / weights)
+
+    loaded = load_openclip(str(tmp_path / "a"))
+    assert loaded.vit.num_layers == 2 and loaded.preprocess["size"] == 64
+    assert default_layer_spec(loaded) == "all"
+    vocabulary = loaded.defaults.vocabulary
+    assert set(vocabulary.slots["color"]) == set(COLORS) and set(vocabulary.slots["shape"]) == set(SHAPES)
+    assert "an orange cross" in vocabulary.prompts()
