@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -37,12 +36,12 @@ from legrad_runtime.evaluation import (
     save_heatmaps,
     score_cases,
 )
-from legrad_runtime.metadata import PreprocessCfg
 from legrad_runtime.preprocess import load_image, preprocess_batch, to_original
 
 from .baselines import attention_rollout, cls_attention
 from .graphs import TextGraph, build_image_graph
 from .layers import resolve_layers
+from .legrad import upsample
 from .load import LoadedModel, default_layer_spec
 
 __all__ = ["METHODS", "build_parser", "compute_heatmaps", "evaluate_cases", "main"]
@@ -94,10 +93,8 @@ def _plan(
 
 
 def _to_square(maps: torch.Tensor, size: int) -> np.ndarray:
-    """(B, g, g) grid maps → (B, S, S) numpy, bilinear (align_corners=False), as LeGrad upsamples."""
-    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[
-        :, 0
-    ].numpy()
+    """(B, g, g) grid maps → (B, S, S) numpy, upsampled exactly as LeGrad's own maps."""
+    return upsample(maps.unsqueeze(1), size)[:, 0].numpy()
 
 
 def compute_heatmaps(
@@ -114,13 +111,7 @@ def compute_heatmaps(
     `on_progress(done, total)` is called after each forward, counting images (an image with very
     many prompts counts once per forward it needs).
     """
-    cfg = PreprocessCfg(
-        size=image_size,
-        mean=loaded.preprocess["mean"],
-        std=loaded.preprocess["std"],
-        interpolation=loaded.preprocess["interpolation"],
-        resize_mode=resize_mode,
-    )
+    cfg = loaded.preprocess_cfg(image_size, resize_mode)
     legrad = build_image_graph(loaded, image_size, layers)
     vit = legrad.vit
     prompts = list(dict.fromkeys(c.prompt for c in cases))

@@ -30,7 +30,7 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 from legrad_runtime.errors import ExportError, UnsupportedModelError
-from legrad_runtime.metadata import TokenizerCfg, Vocabulary, sha256_file
+from legrad_runtime.metadata import PreprocessCfg, TokenizerCfg, Vocabulary, sha256_file
 
 from .layers import DEFAULT_LAYERS
 from .vit import ViTConfig
@@ -104,6 +104,11 @@ class LoadedModel:
     tokenizer: Any  # open_clip tokenizer (callable: list[str] -> LongTensor)
     context_length: int
     defaults: ModelDefaults = ModelDefaults()
+
+    def preprocess_cfg(self, size: int, resize_mode: str) -> PreprocessCfg:
+        """The runtime's preprocessing for this model at `size` (ValueError on a bad resize_mode)."""
+        pre = self.preprocess
+        return PreprocessCfg(size, pre["mean"], pre["std"], pre["interpolation"], resize_mode)
 
     @property
     def logit_scale(self) -> float:

@@ -31,7 +31,6 @@ from legrad_runtime.metadata import (
     FileEntry,
     GraphSpec,
     ModelMetadata,
-    PreprocessCfg,
     sha256_file,
 )
 from legrad_runtime.session import PROMPT_LOOP_KEY
@@ -144,13 +143,7 @@ def export_model(
     try:
         spec = default_layer_spec(loaded) if settings.layers is None else settings.layers
         layers = resolve_layers(spec, loaded.vit.num_layers)
-        preprocess = PreprocessCfg(
-            size=size,
-            mean=loaded.preprocess["mean"],
-            std=loaded.preprocess["std"],
-            interpolation=loaded.preprocess["interpolation"],
-            resize_mode=settings.resize_mode,
-        )
+        preprocess = loaded.preprocess_cfg(size, settings.resize_mode)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     target = out_root / model_folder_name(loaded, size)

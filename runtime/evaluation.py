@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CaseFolderError, InputError
+from .visualize import min_max, resize_map
 
 __all__ = [
     "ALL",
@@ -89,13 +90,6 @@ def _check_pair(heatmap: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.n
     return heatmap, mask
 
 
-def min_max(heatmap: np.ndarray) -> np.ndarray:
-    """float64 map scaled to [0, 1] over its pixels; a constant map becomes zeros."""
-    heatmap = np.asarray(heatmap, dtype=np.float64)
-    lo, hi = float(heatmap.min()), float(heatmap.max())
-    return (heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(heatmap)
-
-
 def _unit(heatmap: np.ndarray) -> np.ndarray:
     """The map as is when it lies in [0, 1], else min-max normalised."""
     return heatmap if heatmap.min() >= 0 and heatmap.max() <= 1 else min_max(heatmap)
@@ -135,10 +129,7 @@ def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if heatmap.ndim != 2:
         raise InputError(f"a heatmap must be 2-D (H, W), got shape {heatmap.shape}")
     height, width = size
-    if heatmap.shape == (height, width):
-        return heatmap
-    resized = Image.fromarray(heatmap, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
+    return resize_map(heatmap, (width, height))
 
 
 def centre_prior(height: int, width: int, sigma: float = 0.25) -> np.ndarray:

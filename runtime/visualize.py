@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ._colormaps import TABLES
 
-__all__ = ["COLORMAPS", "colorize", "overlay", "layer_figure", "grid", "save_png"]
+__all__ = ["COLORMAPS", "colorize", "overlay", "layer_figure", "grid", "save_png", "min_max", "resize_map"]
 
 COLORMAPS: tuple[str, ...] = (*TABLES, "gray")
 _LUTS: dict[str, np.ndarray] = {}
@@ -53,7 +53,7 @@ def _as_maps(maps: np.ndarray, ndim: int, name: str) -> np.ndarray:
     return arr
 
 
-def _resize_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize to `size` = (width, height); upsampling equals torch's align_corners=False."""
     if heatmap.shape == (size[1], size[0]):
         return heatmap
@@ -62,7 +62,7 @@ def _resize_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def _minmax(heatmap: np.ndarray) -> np.ndarray:
+def min_max(heatmap: np.ndarray) -> np.ndarray:
     """Scale to [0, 1]; a constant map becomes zeros."""
     lo, hi = float(heatmap.min()), float(heatmap.max())
     if not hi > lo:
@@ -87,7 +87,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, cmap: str = "jet", alpha: f
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     lut = _lut(cmap)
     rgb = image.convert("RGB")
-    heatmap = _resize_map(_as_maps(heatmap, 2, "heatmap"), rgb.size)
+    heatmap = resize_map(_as_maps(heatmap, 2, "heatmap"), rgb.size)
     color = lut[(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)].astype(np.float32)
     blend = (1.0 - alpha) * np.asarray(rgb, dtype=np.float32) + alpha * color
     return Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), "RGB")
@@ -175,8 +175,8 @@ def layer_figure(
         raise ValueError(f"got {len(layers)} layer indices for {len(maps)} layer maps; pass one per map")
     base = _fit(image, panel)
     panels = [(base, "image")]
-    panels += [(overlay(base, _minmax(m), cmap, alpha), f"layer {i}") for m, i in zip(maps, layers)]
-    panels.append((overlay(base, _minmax(maps.sum(axis=0)), cmap, alpha), "sum"))
+    panels += [(overlay(base, min_max(m), cmap, alpha), f"layer {i}") for m, i in zip(maps, layers)]
+    panels.append((overlay(base, min_max(maps.sum(axis=0)), cmap, alpha), "sum"))
 
     rows = math.ceil(len(panels) / 6)
     cols = math.ceil(len(panels) / rows)

@@ -42,9 +42,8 @@ __all__ = [
     "zero_shot_accuracy",
 ]
 
-# open_clip's default preprocessing (OPENAI_DATASET_MEAN / STD), so the exported model needs no overrides
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+# open_clip's default normalisation, so the exported model needs no overrides
+MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 VAL_SINGLE_SEED = 20_001  # held-out streams for choices made during development; tests use others
 
 
