@@ -187,7 +187,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if (method, dtype) in graphs:
                 spec["graph"] = str(graphs[(method, dtype)])
             try:
+                steal_before, started = steal_seconds(), time.perf_counter()
                 rows[name] = worker(spec) | {"key": method, "dtype": dtype}
+                rows[name]["steal_fraction"] = steal_fraction(steal_before, time.perf_counter() - started)
             except RuntimeError as exc:  # one failing method must not lose the others' numbers
                 print(exc)
                 report_errors[name] = str(exc)[-500:]
@@ -267,6 +269,27 @@ def sweep(args, base, meta, graph: Path, plain: Path, layers, last, work: Path) 
     return out
 
 
+def steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has given to other guests since boot (/proc/stat's steal column)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+
+
+def steal_fraction(before: float | None, elapsed_s: float) -> float | None:
+    """The share of this machine's CPU time stolen since `before` (None where it can't be read)."""
+    after = steal_seconds()
+    if before is None or after is None or elapsed_s <= 0:
+        return None
+    return (after - before) / (elapsed_s * len(os.sched_getaffinity(0)))
+
+
+STEAL_WARNING = 0.05
+
+
 def machine(load_before: float, load_after: float) -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -303,7 +326,7 @@ def print_report(r: dict[str, Any]) -> None:
         f"P={s['prompts']}, {s['device']}, onnxruntime options: {s['ort_options']}, "
         f"median of {s['repeats']}\n"
     )
-    cols = ["median s", "images/s", "vs plain", "B=1 p50 ms", "p95 ms", "peak RSS MB"]
+    cols = ["median s", "images/s", "vs plain", "B=1 p50 ms", "p95 ms", "peak RSS MB", "steal %"]
     head = f"{'method':<34} " + " ".join(f"{c:>11}" for c in cols)
     print(head + "\n" + "-" * len(head))
     nan = float("nan")
@@ -312,7 +335,20 @@ def print_report(r: dict[str, Any]) -> None:
         ratio = r.get("ratio_vs_plain", {}).get(name, nan)
         values = [f"{row['median_s']:.3f}", f"{row['images_per_s']:.2f}", f"{ratio:.2f}x"]
         values += [f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", f"{row['rss_mb']['peak_workload']:.0f}"]
+        steal = row.get("steal_fraction")
+        values.append("?" if steal is None else f"{100 * steal:.1f}")
         print(f"{name:<34} " + " ".join(f"{v:>11}" for v in values))
+    stolen = {
+        n: row["steal_fraction"]
+        for n, row in r["rows"].items()
+        if (row.get("steal_fraction") or 0) > STEAL_WARNING
+    }
+    if stolen:
+        print(
+            "WARNING: the hypervisor took CPU time from this machine during "
+            + ", ".join(f"{n} ({100 * f:.0f}%)" for n, f in stolen.items())
+            + ": those times, and ratios with them, are not comparable; run again when it is quiet"
+        )
     for key in ("authors", "released"):
         if f"{key}_over_legrad_onnx" in r:
             print(f"{METHODS[key]} / LeGrad ONNX: {r[f'{key}_over_legrad_onnx']:.2f}x")

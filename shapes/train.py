@@ -53,6 +53,7 @@ class TrainConfig:
     patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 4
+    mlp_ratio: float = 4.0  # the vision tower's MLP width over its width
     text_width: int = 128
     text_layers: int = 3
     embed_dim: int = 128
@@ -69,6 +70,8 @@ class TrainConfig:
     logit_scale: float = 1 / 0.07  # the learnable inverse temperature's start (CLIP's default)
     partial_captions: bool = True  # also 'a circle', 'a red object' as captions
     text_separation: float = 1.0  # weight of `caption_overlap`: keeps class captions' embeddings apart
+    pos_embed: str = "learnable"  # or "sin_cos_2d": fixed 2-D sine-cosine positions (open_clip option)
+    fused_adamw: bool = False  # about 13% faster steps here, but not bit for bit the shipped model's run
 
 
 def model_config(cfg: TrainConfig) -> dict:
@@ -81,12 +84,13 @@ def model_config(cfg: TrainConfig) -> dict:
             "width": cfg.vision_width,
             "layers": cfg.vision_layers,
             "head_width": 64,
-            "mlp_ratio": 4.0,
+            "mlp_ratio": cfg.mlp_ratio,
             # the embedding is LN_post(mean of the tokens) @ proj: the very score LeGrad differentiates
             # at every layer, so its maps follow what the model uses (CLS pooling scattered them)
             "pool_type": "avg",
             "final_ln_after_pool": True,
-        },
+        }
+        | ({} if cfg.pos_embed == "learnable" else {"pos_embed_type": cfg.pos_embed}),
         "text_cfg": {
             "context_length": cfg.context_length,
             "vocab_size": 49408,
@@ -186,7 +190,13 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
     # every class under every template, tokenised once: (templates, classes, context)
     tokens = torch.stack([tokenizer(class_captions(t)) for t in range(len(TEMPLATES))])
     partial_tokens = tokenizer(partial_captions())  # shapes first, then colours
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=cfg.fused_adamw or None,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (

@@ -58,3 +58,30 @@ def test_plain_forward_cut_from_the_graph_and_int8_graph_agree_with_the_fp32_gra
     agree = map_agreement(full[0], quant[0])
     assert agree["pearson_min"] > 0.95 and agree["maps"] == 6
     assert not np.array_equal(full[1], quant[1])  # the weights really were quantised
+
+
+def _report(steal: dict[str, float | None]) -> dict:
+    row = {"median_s": 1.0, "images_per_s": 8.0, "latency_b1_ms": None, "rss_mb": {"peak_workload": 100.0}}
+    return {
+        "rows": {name: row | {"steal_fraction": f} for name, f in steal.items()},
+        "settings": {
+            "model_name": "m", "image_size": 64, "layers": [1], "batch": 8, "prompts": 1,
+            "device": "cpu", "ort_options": "tuned", "repeats": 1,
+        },
+        "machine": {
+            "cpu": "x", "nproc": 2, "memory_gb": 1, "platform": "p", "loadavg_1min_before_after": [0, 0],
+        },
+        "versions": {},
+    }  # fmt: skip
+
+
+def test_the_report_warns_when_the_hypervisor_stole_cpu_time_from_a_row(capsys):
+    from bench import print_report, steal_fraction
+
+    print_report(_report({"quiet row": 0.01, "stolen row": 0.37, "unknown row": None}))
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "stolen row (37%)" in out
+    assert "quiet row (" not in out and "unknown row (" not in out
+    print_report(_report({"quiet row": 0.01}))
+    assert "WARNING" not in capsys.readouterr().out
+    assert steal_fraction(None, 1.0) is None

@@ -6,11 +6,16 @@ import math
 
 import pytest
 import torch
+from open_clip.pos_embed import get_2d_sincos_pos_embed
 
+from legrad_export.graphs import build_image_graph
+from legrad_export.layers import resolve_layers
 from legrad_export.load import default_layer_spec, load_openclip
+from legrad_export.reference import legrad_reference
 from legrad_runtime.metadata import sha256_file
 from legrad_shapes.scenes import COLORS, SHAPES
 from legrad_shapes.train import TrainConfig, caption_overlap, multi_positive_loss, train
+from tiny_models import random_inputs
 
 pytestmark = pytest.mark.torch
 
@@ -61,3 +66,22 @@ def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(
     vocabulary = loaded.defaults.vocabulary
     assert set(vocabulary.slots["color"]) == set(COLORS) and set(vocabulary.slots["shape"]) == set(SHAPES)
     assert "an orange cross" in vocabulary.prompts()
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_fixed_sine_cosine_positions_stay_fixed_and_export_exactly(tmp_path, size):
+    """The sin_cos_2d option (fused AdamW on): the positions are open_clip's table, untouched by
+    training, and the analytic maps equal the autograd reference, at the native and a resampled size."""
+    train(TrainConfig(**TINY, pos_embed="sin_cos_2d", fused_adamw=True), tmp_path)
+    loaded = load_openclip(str(tmp_path))
+    table = torch.from_numpy(get_2d_sincos_pos_embed(64, 64 // 8, cls_token=True)).float()
+    assert torch.allclose(loaded.model.visual.positional_embedding, table, atol=1e-3)  # fp16 storage
+
+    layers = resolve_layers("all", loaded.vit.num_layers)
+    pixels, text = random_inputs(2, 3, size, loaded.vit.embed_dim, seed=size)
+    with torch.no_grad():
+        heatmaps, layer_maps, _ = build_image_graph(loaded, size, layers)(pixels, text)
+    ref = legrad_reference(loaded.model, pixels, text, layers)
+    assert (layer_maps - ref.layer_maps).abs().max() <= 1e-5
+    assert (heatmaps - ref.heatmaps).abs().max() <= 1e-5
+    assert layer_maps.abs().max() > 0
