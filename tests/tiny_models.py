@@ -69,6 +69,34 @@ RUNTIME_VOCABULARY = {
 }
 
 
+def assert_matches_reference(loaded, size: int, layer_spec, batch: int = 2, prompts: int = 3) -> None:
+    """The analytic graph's outputs equal the autograd reference on the same weights (atol 1e-5)."""
+    from legrad_export.graphs import build_image_graph
+    from legrad_export.layers import resolve_layers
+    from legrad_export.reference import legrad_reference
+
+    layers = resolve_layers(layer_spec, loaded.vit.num_layers)
+    graph = build_image_graph(loaded, size, layers)
+    pixels, text = random_inputs(batch, prompts, size, loaded.vit.embed_dim, seed=size)
+    with torch.no_grad():
+        heatmaps, layer_maps, image_embeds = graph(pixels, text)
+    ref = legrad_reference(loaded.model, pixels, text, layer_spec)
+    assert ref.layers == layers
+    assert heatmaps.shape == (batch, prompts, size, size)
+    assert layer_maps.shape == (
+        batch,
+        prompts,
+        len(layers),
+        size // loaded.vit.patch_size,
+        size // loaded.vit.patch_size,
+    )
+    assert (layer_maps - ref.layer_maps).abs().max() <= 1e-5
+    assert (heatmaps - ref.heatmaps).abs().max() <= 1e-5
+    assert (image_embeds - ref.image_embeds).abs().max() <= 1e-5
+    assert heatmaps.amin() >= 0 and heatmaps.amax() <= 1 and torch.isfinite(heatmaps).all()
+    assert layer_maps.abs().max() > 0  # a real map, not a degenerate all-zero one
+
+
 def export_runtime_folders(out: Path) -> dict[str, Path]:
     """One exported folder per resize mode, for the runtime tests: {'squash': ..., 'shortest': ...}."""
     from legrad_export.load import load_openclip

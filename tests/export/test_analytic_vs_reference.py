@@ -10,33 +10,9 @@ from legrad_export.layers import resolve_layers
 from legrad_export.legrad import min_max
 from legrad_export.load import load_openclip, wrap_openclip
 from legrad_export.reference import legrad_reference
-from tiny_models import TINY_VARIANTS, build_tiny_model, random_inputs
+from tiny_models import TINY_VARIANTS, assert_matches_reference, build_tiny_model, random_inputs
 
 pytestmark = pytest.mark.torch
-ATOL = 1e-5
-
-
-def _compare(loaded, size: int, layer_spec, batch: int = 2, prompts: int = 3) -> None:
-    layers = resolve_layers(layer_spec, loaded.vit.num_layers)
-    graph = build_image_graph(loaded, size, layers)
-    pixels, text = random_inputs(batch, prompts, size, loaded.vit.embed_dim, seed=size)
-    with torch.no_grad():
-        heatmaps, layer_maps, image_embeds = graph(pixels, text)
-    ref = legrad_reference(loaded.model, pixels, text, layer_spec)
-    assert ref.layers == layers
-    assert heatmaps.shape == (batch, prompts, size, size)
-    assert layer_maps.shape == (
-        batch,
-        prompts,
-        len(layers),
-        size // loaded.vit.patch_size,
-        size // loaded.vit.patch_size,
-    )
-    assert (layer_maps - ref.layer_maps).abs().max() <= ATOL
-    assert (heatmaps - ref.heatmaps).abs().max() <= ATOL
-    assert (image_embeds - ref.image_embeds).abs().max() <= ATOL
-    assert heatmaps.amin() >= 0 and heatmaps.amax() <= 1 and torch.isfinite(heatmaps).all()
-    assert layer_maps.abs().max() > 0  # a real map, not a degenerate all-zero one
 
 
 @pytest.mark.parametrize("layers", ["-2", "all"])
@@ -45,7 +21,7 @@ def _compare(loaded, size: int, layer_spec, batch: int = 2, prompts: int = 3) ->
 def test_analytic_maps_match_autograd_reference_on_tiny_models(variant, scale, layers):
     model = build_tiny_model(variant)
     loaded = wrap_openclip(model, f"tiny-{variant}", tokenizer=object())
-    _compare(loaded, model.visual.image_size[0] * scale, layers)
+    assert_matches_reference(loaded, model.visual.image_size[0] * scale, layers)
 
 
 # The real configurations of the matrix, random weights, no ONNX: (model, image size, layers)
@@ -65,7 +41,7 @@ def test_analytic_maps_match_autograd_reference_on_real_configs(name, size, laye
         assert loaded.vit.activation == "quick_gelu"
     if name == "ViT-M-16-alt":
         assert any(k.endswith("ls_1.gamma") for k in loaded.model.visual.state_dict())
-    _compare(loaded, size, layers, batch=2, prompts=2)
+    assert_matches_reference(loaded, size, layers, batch=2, prompts=2)
 
 
 def test_reference_image_embeddings_equal_open_clip_encode_image():

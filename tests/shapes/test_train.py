@@ -8,14 +8,11 @@ import pytest
 import torch
 from open_clip.pos_embed import get_2d_sincos_pos_embed
 
-from legrad_export.graphs import build_image_graph
-from legrad_export.layers import resolve_layers
 from legrad_export.load import default_layer_spec, load_openclip
-from legrad_export.reference import legrad_reference
 from legrad_runtime.metadata import sha256_file
 from legrad_shapes.scenes import COLORS, SHAPES
 from legrad_shapes.train import TrainConfig, caption_overlap, multi_positive_loss, train
-from tiny_models import random_inputs
+from tiny_models import assert_matches_reference
 
 pytestmark = pytest.mark.torch
 
@@ -77,11 +74,4 @@ def test_fixed_sine_cosine_positions_stay_fixed_and_export_exactly(tmp_path, siz
     table = torch.from_numpy(get_2d_sincos_pos_embed(64, 64 // 8, cls_token=True)).float()
     assert torch.allclose(loaded.model.visual.positional_embedding, table, atol=1e-3)  # fp16 storage
 
-    layers = resolve_layers("all", loaded.vit.num_layers)
-    pixels, text = random_inputs(2, 3, size, loaded.vit.embed_dim, seed=size)
-    with torch.no_grad():
-        heatmaps, layer_maps, _ = build_image_graph(loaded, size, layers)(pixels, text)
-    ref = legrad_reference(loaded.model, pixels, text, layers)
-    assert (layer_maps - ref.layer_maps).abs().max() <= 1e-5
-    assert (heatmaps - ref.heatmaps).abs().max() <= 1e-5
-    assert layer_maps.abs().max() > 0
+    assert_matches_reference(loaded, size, "all")
