@@ -86,6 +86,16 @@ class Scene:
         """Whether another object has object k's colour, so only shape tells them apart."""
         return any(o.color == self.objects[k].color for i, o in enumerate(self.objects) if i != k)
 
+    def patch_labels(self, patch: int) -> np.ndarray:
+        """Each patch's class (`SceneObject.label`) on the ViT's (H/patch, W/patch) grid: the object
+        whose mask covers at least half of the patch, -1 where none does."""
+        grid_h, grid_w = self.image.shape[0] // patch, self.image.shape[1] // patch
+        labels = np.full((grid_h, grid_w), -1, np.int64)
+        for obj in self.objects:  # objects never overlap, so at most one covers half a patch
+            mask = obj.mask[: grid_h * patch, : grid_w * patch]
+            labels[mask.reshape(grid_h, patch, grid_w, patch).mean((1, 3)) >= 0.5] = obj.label
+        return labels
+
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A muted textured background (noise, stripes, checks or a gradient), (H, W, 3) float."""

@@ -44,6 +44,22 @@ def test_same_colour_scenes_share_a_colour_and_differ_in_shape():
     assert not lone.shares_color(0)
 
 
+@pytest.mark.parametrize("patch", [8, 16])
+def test_patch_labels_name_the_object_covering_at_least_half_of_each_patch(patch):
+    for scene in scenes(seed=5, count=20, size=64):
+        labels = scene.patch_labels(patch)
+        assert labels.shape == (64 // patch, 64 // patch)
+        for row in range(labels.shape[0]):
+            for col in range(labels.shape[1]):
+                window = (slice(row * patch, (row + 1) * patch), slice(col * patch, (col + 1) * patch))
+                counts = [int(obj.mask[window].sum()) for obj in scene.objects]
+                best = int(np.argmax(counts))
+                expected = scene.objects[best].label if 2 * counts[best] >= patch * patch else -1
+                assert labels[row, col] == expected
+    big = make_scene(5, 0, n_objects=1)  # radius ≥ 11 px: its centre patch at least is covered
+    assert (big.patch_labels(8) == big.objects[0].label).any()
+
+
 def test_the_object_count_can_be_fixed_and_is_checked():
     assert {len(make_scene(3, i, n_objects=3).objects) for i in range(10)} == {3}
     with pytest.raises(ValueError, match="n_objects"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import open_clip
 import pytest
 import torch
 from open_clip.pos_embed import get_2d_sincos_pos_embed
@@ -11,7 +12,15 @@ from open_clip.pos_embed import get_2d_sincos_pos_embed
 from legrad_export.load import default_layer_spec, load_openclip
 from legrad_runtime.metadata import sha256_file
 from legrad_shapes.scenes import COLORS, SHAPES
-from legrad_shapes.train import TrainConfig, caption_overlap, multi_positive_loss, train
+from legrad_shapes.train import (
+    TrainConfig,
+    caption_overlap,
+    image_and_patch_embeddings,
+    model_config,
+    multi_positive_loss,
+    token_caption_loss,
+    train,
+)
 from tiny_models import assert_matches_reference
 
 pytestmark = pytest.mark.torch
@@ -51,9 +60,43 @@ def test_caption_overlap_is_zero_for_orthogonal_captions_and_one_for_collapsed_o
     assert caption_overlap(pair).item() == pytest.approx(0.25)
 
 
-def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(tmp_path):
-    train(TrainConfig(**TINY), tmp_path / "a")
-    train(TrainConfig(**TINY), tmp_path / "b")
+def test_token_caption_loss_is_the_mean_cross_entropy_over_object_patches_only():
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.nn.functional.normalize(torch.randn(2, 3, 4, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 4, generator=gen), dim=-1)
+    patches = torch.tensor([[2, -1, 0], [-1, -1, 4]])
+    terms = []
+    for b, n in [(0, 0), (0, 2), (1, 2)]:
+        logits = [10 * float(tokens[b, n] @ t) for t in text]
+        terms.append(math.log(sum(math.exp(v) for v in logits)) - logits[int(patches[b, n])])
+    loss = token_caption_loss(tokens, text, torch.tensor(10.0), patches)
+    assert loss.item() == pytest.approx(sum(terms) / 3, rel=1e-5)
+
+
+def test_patch_embeddings_are_the_last_tokens_through_the_pooled_embeddings_head():
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**model_config(TrainConfig(**TINY))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}
+    hook = model.visual.transformer.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad():
+        expected_image = model.encode_image(x, normalize=True)
+        image, patches = image_and_patch_embeddings(model, x)
+    hook.remove()
+    last = seen["out"][:, 1:]  # the transformer's output without the class token
+    expected = torch.nn.functional.normalize(model.visual.ln_post(last) @ model.visual.proj, dim=-1)
+    assert patches.shape == (2, 64, 32)
+    torch.testing.assert_close(image, expected_image)
+    torch.testing.assert_close(patches, expected)
+
+
+@pytest.mark.parametrize("token_loss, background", [(0.0, "background"), (1.0, "background"), (1.0, "")])
+def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(
+    tmp_path, token_loss, background
+):
+    cfg = TrainConfig(**TINY, token_loss=token_loss, background_caption=background)
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
     weights = "open_clip_model.safetensors"
     assert sha256_file(tmp_path / "a" / weights) == sha256_file(tmp_path / "b" / weights)
 
