@@ -14,6 +14,8 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,9 +38,11 @@ from .scenes import COLORS, SHAPES, TEMPLATES, class_captions, make_scene, parti
 __all__ = [
     "TrainConfig",
     "caption_overlap",
+    "grid_of",
     "image_and_patch_embeddings",
     "model_config",
     "multi_positive_loss",
+    "sin_cos_positions",
     "token_caption_loss",
     "train",
     "zero_shot_accuracy",
@@ -78,6 +82,24 @@ class TrainConfig:
     # accuracy but LeGrad's maps then stop localising (README, "What moved it": run 7)
     token_loss: float = 0.0
     background_caption: str = "background"  # what background patches name in it ("": left free)
+    # progressive resizing: the first `warm_steps` steps see the pool downsampled to `warm_size` px
+    # (fewer tokens, cheaper steps) with the sine-cosine table of that grid; then `image_size` to the end
+    warm_size: int = 0  # 0: off
+    warm_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warm_size:
+            if self.pos_embed != "sin_cos_2d":
+                raise ValueError("warm_size needs pos_embed='sin_cos_2d': learned positions fit one grid")
+            if self.warm_size % self.patch_size or not 0 < self.warm_size < self.image_size:
+                raise ValueError(
+                    f"warm_size {self.warm_size} must be a multiple of patch_size {self.patch_size} "
+                    f"below image_size {self.image_size}"
+                )
+            if not 0 < self.warm_steps < self.steps:
+                raise ValueError(f"warm_steps {self.warm_steps} must lie in 1..{self.steps - 1}")
+            if self.token_loss:
+                raise ValueError("token_loss labels patches at image_size; it cannot run with warm_size")
 
 
 def model_config(cfg: TrainConfig) -> dict:
@@ -121,6 +143,26 @@ def render(
         for obj in scene.objects:
             targets[i, obj.label] = 1
     return pixels, targets, patches
+
+
+def sin_cos_positions(width: int, image_size: int, patch_size: int) -> torch.Tensor:
+    """open_clip's fixed 2-D sine-cosine table (class token first) for a square grid at `image_size`."""
+    table = open_clip.pos_embed.get_2d_sincos_pos_embed(width, image_size // patch_size, cls_token=True)
+    return torch.from_numpy(table).float()
+
+
+@contextmanager
+def grid_of(model: open_clip.CLIP, cfg: TrainConfig, image_size: int) -> Iterator[None]:
+    """Run the vision tower at `image_size` inside the block (its sine-cosine table swapped for that
+    grid's), and put the configured grid's table back after. The table is fixed, not trained, and the
+    patch embedding and blocks do not depend on the grid, so nothing else changes."""
+    positions = model.visual.positional_embedding
+    full = positions.data
+    positions.data = sin_cos_positions(cfg.vision_width, image_size, cfg.patch_size)
+    try:
+        yield
+    finally:
+        positions.data = full
 
 
 def to_pixel_values(pixels: np.ndarray) -> torch.Tensor:
@@ -252,14 +294,15 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
         TextColumn("[bold]training"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[size]} px  loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns) as progress:
-        task = progress.add_task("train", total=cfg.steps, loss=float("nan"))
+        task = progress.add_task("train", total=cfg.steps, loss=float("nan"), size=cfg.image_size)
         for step in range(cfg.steps):
             model.train()
+            warm = step < cfg.warm_steps  # warm_steps is 0 unless warm_size is set
             if cfg.pool:
                 idx = torch.randint(cfg.pool, (cfg.batch_size,), generator=gen).numpy()
                 x, targets, patches = as_inputs(pool_pixels[idx], pool_targets[idx], pool_patches[idx])
@@ -268,15 +311,18 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
                 x, targets, patches = as_inputs(
                     *render(cfg.seed, start, cfg.batch_size, cfg.image_size, cfg.patch_size)
                 )
+            if warm:
+                x = F.interpolate(x, size=cfg.warm_size, mode="bilinear", antialias=True)
             template = torch.randint(len(TEMPLATES), (n_classes,), generator=gen)
             captions = tokens[template, torch.arange(n_classes)]
             if cfg.partial_captions:
                 captions = torch.cat([captions, partial_tokens])
             captions = torch.cat([captions, background_tokens])  # last, when there is one
-            if cfg.token_loss:
-                image, patch_emb = image_and_patch_embeddings(model, x)
-            else:
-                image = model.encode_image(x, normalize=True)
+            with grid_of(model, cfg, cfg.warm_size) if warm else nullcontext():
+                if cfg.token_loss:
+                    image, patch_emb = image_and_patch_embeddings(model, x)
+                else:
+                    image = model.encode_image(x, normalize=True)
             text = model.encode_text(captions, normalize=True)
             logits = model.logit_scale.exp() * image @ text.T
             loss = multi_positive_loss(logits[:, :n_classes], targets)
@@ -308,14 +354,16 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            progress.update(task, advance=1, loss=loss.item())
+            size = cfg.warm_size if warm else cfg.image_size
+            progress.update(task, advance=1, loss=loss.item(), size=size)
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-                log.append({"step": step + 1, "loss": round(loss.item(), 4)})
+                log.append({"step": step + 1, "size": size, "loss": round(loss.item(), 4)})
                 if not progress.console.is_terminal:  # a log file gets a line instead of a bar
                     elapsed = time.perf_counter() - start_time
                     zs = zero_shot_accuracy(model, tokenizer, VAL_SINGLE_SEED, 120, cfg.image_size)
                     print(
-                        f"step {step + 1}/{cfg.steps}  loss {loss.item():.3f}  {elapsed:.0f} s  val {zs}",
+                        f"step {step + 1}/{cfg.steps}  {size} px  loss {loss.item():.3f}  "
+                        f"{elapsed:.0f} s  val {zs}",
                         flush=True,
                     )
     seconds = time.perf_counter() - start_time

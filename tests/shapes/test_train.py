@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import open_clip
 import pytest
@@ -15,6 +17,7 @@ from legrad_shapes.scenes import COLORS, SHAPES
 from legrad_shapes.train import (
     TrainConfig,
     caption_overlap,
+    grid_of,
     image_and_patch_embeddings,
     model_config,
     multi_positive_loss,
@@ -118,3 +121,56 @@ def test_fixed_sine_cosine_positions_stay_fixed_and_export_exactly(tmp_path, siz
     assert torch.allclose(loaded.model.visual.positional_embedding, table, atol=1e-3)  # fp16 storage
 
     assert_matches_reference(loaded, size, "all")
+
+
+def test_a_grid_swap_runs_the_tower_as_open_clip_built_at_that_size_and_restores_it():
+    """`grid_of(model, cfg, 48)` on 48 px input gives what open_clip's own model built for 48 px gives
+    with the same weights; afterwards (even after an error) the configured 64 px table is back."""
+    cfg = TrainConfig(**TINY, pos_embed="sin_cos_2d")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**model_config(cfg)).eval()
+    small = open_clip.CLIP(**model_config(dataclasses.replace(cfg, image_size=48))).eval()
+    small.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k != "visual.positional_embedding"}, strict=False
+    )
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad(), grid_of(model, cfg, 48):
+        swapped = model.encode_image(x)
+    with torch.no_grad():
+        expected = small.encode_image(x)
+    torch.testing.assert_close(swapped, expected)
+
+    with pytest.raises(RuntimeError), grid_of(model, cfg, 48):
+        model.encode_image(torch.randn(1, 3, 64, 64))  # 64 tokens against the 36-cell table
+    full = torch.from_numpy(get_2d_sincos_pos_embed(64, 8, cls_token=True)).float()
+    torch.testing.assert_close(model.visual.positional_embedding.data, full)
+
+
+def test_progressive_training_is_deterministic_and_ends_on_the_full_grid(tmp_path):
+    cfg = TrainConfig(
+        **TINY | {"steps": 4}, pos_embed="sin_cos_2d", fused_adamw=True, warm_size=48, warm_steps=2
+    )
+    runs = [train(cfg, tmp_path / name, log_every=1) for name in "ab"]
+    weights = "open_clip_model.safetensors"
+    assert sha256_file(tmp_path / "a" / weights) == sha256_file(tmp_path / "b" / weights)
+    assert [entry["size"] for entry in runs[0]["log"]] == [48, 48, 64, 64]
+
+    loaded = load_openclip(str(tmp_path / "a"))
+    full = torch.from_numpy(get_2d_sincos_pos_embed(64, 8, cls_token=True)).float()
+    assert torch.allclose(loaded.model.visual.positional_embedding, full, atol=1e-3)  # fp16 storage
+    assert loaded.preprocess["size"] == 64
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"warm_size": 48, "warm_steps": 2}, "pos_embed='sin_cos_2d'"),
+        ({"pos_embed": "sin_cos_2d", "warm_size": 44, "warm_steps": 2}, "multiple of patch_size"),
+        ({"pos_embed": "sin_cos_2d", "warm_size": 64, "warm_steps": 2}, "below image_size"),
+        ({"pos_embed": "sin_cos_2d", "warm_size": 48, "warm_steps": 3}, "warm_steps 3 must lie in 1..2"),
+        ({"pos_embed": "sin_cos_2d", "warm_size": 48, "warm_steps": 2, "token_loss": 1.0}, "token_loss"),
+    ],
+)
+def test_progressive_options_that_cannot_work_are_refused_up_front(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**TINY, **options)
