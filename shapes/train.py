@@ -42,7 +42,6 @@ __all__ = [
     "image_and_patch_embeddings",
     "model_config",
     "multi_positive_loss",
-    "sin_cos_positions",
     "token_caption_loss",
     "train",
     "zero_shot_accuracy",
@@ -145,24 +144,20 @@ def render(
     return pixels, targets, patches
 
 
-def sin_cos_positions(width: int, image_size: int, patch_size: int) -> torch.Tensor:
-    """open_clip's fixed 2-D sine-cosine table (class token first) for a square grid at `image_size`."""
-    table = open_clip.pos_embed.get_2d_sincos_pos_embed(width, image_size // patch_size, cls_token=True)
-    return torch.from_numpy(table).float()
-
-
 @contextmanager
-def grid_of(model: open_clip.CLIP, cfg: TrainConfig, image_size: int) -> Iterator[None]:
-    """Run the vision tower at `image_size` inside the block (its sine-cosine table swapped for that
-    grid's), and put the configured grid's table back after. The table is fixed, not trained, and the
-    patch embedding and blocks do not depend on the grid, so nothing else changes."""
+def grid_of(model: open_clip.CLIP, image_size: int) -> Iterator[None]:
+    """Run the vision tower at `image_size` inside the block: its fixed sine-cosine table (open_clip's
+    own) is swapped for that grid's, and the original is put back after. The table is not trained and
+    the patch embedding and blocks do not depend on the grid, so nothing else changes."""
     positions = model.visual.positional_embedding
-    full = positions.data
-    positions.data = sin_cos_positions(cfg.vision_width, image_size, cfg.patch_size)
+    grid = image_size // model.visual.patch_size[0]
+    original = positions.data
+    table = open_clip.pos_embed.get_2d_sincos_pos_embed(positions.shape[1], grid, cls_token=True)
+    positions.data = torch.from_numpy(table).float()
     try:
         yield
     finally:
-        positions.data = full
+        positions.data = original
 
 
 def to_pixel_values(pixels: np.ndarray) -> torch.Tensor:
@@ -318,7 +313,7 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
             if cfg.partial_captions:
                 captions = torch.cat([captions, partial_tokens])
             captions = torch.cat([captions, background_tokens])  # last, when there is one
-            with grid_of(model, cfg, cfg.warm_size) if warm else nullcontext():
+            with grid_of(model, cfg.warm_size) if warm else nullcontext():
                 if cfg.token_loss:
                     image, patch_emb = image_and_patch_embeddings(model, x)
                 else:

@@ -28,6 +28,12 @@ from tiny_models import assert_matches_reference
 
 pytestmark = pytest.mark.torch
 
+
+def sin_cos_table(width: int, grid: int) -> torch.Tensor:
+    """open_clip's fixed sine-cosine positions for a grid × grid model, class token first."""
+    return torch.from_numpy(get_2d_sincos_pos_embed(width, grid, cls_token=True)).float()
+
+
 TINY = dict(
     vision_width=64, vision_layers=2, text_width=64, text_layers=1, embed_dim=32,
     batch_size=8, steps=3, warmup=1, pool=32, threads=1, layers="all",
@@ -117,14 +123,14 @@ def test_fixed_sine_cosine_positions_stay_fixed_and_export_exactly(tmp_path, siz
     training, and the analytic maps equal the autograd reference, at the native and a resampled size."""
     train(TrainConfig(**TINY, pos_embed="sin_cos_2d", fused_adamw=True), tmp_path)
     loaded = load_openclip(str(tmp_path))
-    table = torch.from_numpy(get_2d_sincos_pos_embed(64, 64 // 8, cls_token=True)).float()
+    table = sin_cos_table(width=64, grid=64 // 8)
     assert torch.allclose(loaded.model.visual.positional_embedding, table, atol=1e-3)  # fp16 storage
 
     assert_matches_reference(loaded, size, "all")
 
 
 def test_a_grid_swap_runs_the_tower_as_open_clip_built_at_that_size_and_restores_it():
-    """`grid_of(model, cfg, 48)` on 48 px input gives what open_clip's own model built for 48 px gives
+    """`grid_of(model, 48)` on 48 px input gives what open_clip's own model built for 48 px gives
     with the same weights; afterwards (even after an error) the configured 64 px table is back."""
     cfg = TrainConfig(**TINY, pos_embed="sin_cos_2d")
     torch.manual_seed(0)
@@ -134,15 +140,15 @@ def test_a_grid_swap_runs_the_tower_as_open_clip_built_at_that_size_and_restores
         {k: v for k, v in model.state_dict().items() if k != "visual.positional_embedding"}, strict=False
     )
     x = torch.randn(2, 3, 48, 48)
-    with torch.no_grad(), grid_of(model, cfg, 48):
+    with torch.no_grad(), grid_of(model, 48):
         swapped = model.encode_image(x)
     with torch.no_grad():
         expected = small.encode_image(x)
     torch.testing.assert_close(swapped, expected)
 
-    with pytest.raises(RuntimeError), grid_of(model, cfg, 48):
+    with pytest.raises(RuntimeError), grid_of(model, 48):
         model.encode_image(torch.randn(1, 3, 64, 64))  # 64 tokens against the 36-cell table
-    full = torch.from_numpy(get_2d_sincos_pos_embed(64, 8, cls_token=True)).float()
+    full = sin_cos_table(width=64, grid=8)
     torch.testing.assert_close(model.visual.positional_embedding.data, full)
 
 
@@ -156,7 +162,7 @@ def test_progressive_training_is_deterministic_and_ends_on_the_full_grid(tmp_pat
     assert [entry["size"] for entry in runs[0]["log"]] == [48, 48, 64, 64]
 
     loaded = load_openclip(str(tmp_path / "a"))
-    full = torch.from_numpy(get_2d_sincos_pos_embed(64, 8, cls_token=True)).float()
+    full = sin_cos_table(width=64, grid=8)
     assert torch.allclose(loaded.model.visual.positional_embedding, full, atol=1e-3)  # fp16 storage
     assert loaded.preprocess["size"] == 64
 
