@@ -85,8 +85,28 @@ class TrainConfig:
     # (fewer tokens, cheaper steps) with the sine-cosine table of that grid; then `image_size` to the end
     warm_size: int = 0  # 0: off
     warm_steps: int = 0
+    # FLIP-style: the share of patch tokens dropped at random from each training image (open_clip's
+    # PatchDropout; off in eval, so the saved model sees every patch). Cheaper steps at full resolution
+    patch_dropout: float = 0.0
+    patch_dropout_steps: int = 0  # drop in the first this many steps only, then see every patch (0: always)
+    device: str = "cpu"  # "cuda" for recipe sweeps; the shipped model is trained on the CPU
 
     def __post_init__(self) -> None:
+        if not 0 <= self.patch_dropout < 1:
+            raise ValueError(f"patch_dropout {self.patch_dropout} must lie in [0, 1)")
+        if self.patch_dropout_steps and not (self.patch_dropout and self.patch_dropout_steps < self.steps):
+            raise ValueError(
+                f"patch_dropout_steps {self.patch_dropout_steps} needs patch_dropout > 0 and fewer than "
+                f"steps ({self.steps})"
+            )
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise ValueError(f"device {self.device!r} is not a torch device; use 'cpu' or 'cuda'") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: torch sees no CUDA GPU here; train with device='cpu'")
+        if self.patch_dropout and self.token_loss:
+            raise ValueError("token_loss labels every patch; it cannot run with patch_dropout")
         if self.warm_size:
             if self.pos_embed != "sin_cos_2d":
                 raise ValueError("warm_size needs pos_embed='sin_cos_2d': learned positions fit one grid")
@@ -117,7 +137,8 @@ def model_config(cfg: TrainConfig) -> dict:
             "pool_type": "avg",
             "final_ln_after_pool": True,
         }
-        | ({} if cfg.pos_embed == "learnable" else {"pos_embed_type": cfg.pos_embed}),
+        | ({} if cfg.pos_embed == "learnable" else {"pos_embed_type": cfg.pos_embed})
+        | ({"patch_dropout": cfg.patch_dropout} if cfg.patch_dropout else {}),
         "text_cfg": {
             "context_length": cfg.context_length,
             "vocab_size": 49408,
@@ -153,7 +174,7 @@ def grid_of(model: open_clip.CLIP, image_size: int) -> Iterator[None]:
     grid = image_size // model.visual.patch_size[0]
     original = positions.data
     table = open_clip.pos_embed.get_2d_sincos_pos_embed(positions.shape[1], grid, cls_token=True)
-    positions.data = torch.from_numpy(table).float()
+    positions.data = torch.from_numpy(table).float().to(original.device)
     try:
         yield
     finally:
@@ -227,14 +248,15 @@ def zero_shot_accuracy(
     """On single-object scenes: how often the own caption scores highest among all class captions
     ("accuracy"), and how often the best caption at least names the right colour / shape."""
     model.eval()
-    text = F.normalize(model.encode_text(tokenizer(class_captions())), dim=-1)
+    device = model.logit_scale.device
+    text = F.normalize(model.encode_text(tokenizer(class_captions()).to(device)), dim=-1)
     pred, true = [], []
     for start in range(0, count, 120):
         batch = [make_scene(seed, i, size, n_objects=1) for i in range(start, min(count, start + 120))]
-        x = to_pixel_values(np.stack([scene.image for scene in batch]))
+        x = to_pixel_values(np.stack([scene.image for scene in batch])).to(device)
         pred.append((F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(1))
         true += [scene.objects[0].label for scene in batch]
-    p, t, k = torch.cat(pred), torch.tensor(true), len(SHAPES)
+    p, t, k = torch.cat(pred).cpu(), torch.tensor(true), len(SHAPES)
     return {
         "accuracy": (p == t).float().mean().item(),
         "colour": (p // k == t // k).float().mean().item(),
@@ -253,14 +275,14 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
     """Train, write the model folder to `out`, and return a summary (loss curve, accuracy, time)."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    model = open_clip.CLIP(**model_config(cfg), init_logit_scale=math.log(cfg.logit_scale))
+    model = open_clip.CLIP(**model_config(cfg), init_logit_scale=math.log(cfg.logit_scale)).to(cfg.device)
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
     # every class under every template, tokenised once: (templates, classes, context)
     tokens = torch.stack([tokenizer(class_captions(t)) for t in range(len(TEMPLATES))])
     partial_tokens = tokenizer(partial_captions())  # shapes first, then colours
     background_tokens = tokenizer(
         [cfg.background_caption] if cfg.token_loss and cfg.background_caption else []
-    )
+    ).to(cfg.device)
     opt = torch.optim.AdamW(
         _param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -298,6 +320,8 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
         for step in range(cfg.steps):
             model.train()
             warm = step < cfg.warm_steps  # warm_steps is 0 unless warm_size is set
+            if cfg.patch_dropout_steps and step == cfg.patch_dropout_steps:
+                model.visual.patch_dropout.prob = 0.0  # the unmasked tail: every patch, as in eval
             if cfg.pool:
                 idx = torch.randint(cfg.pool, (cfg.batch_size,), generator=gen).numpy()
                 x, targets, patches = as_inputs(pool_pixels[idx], pool_targets[idx], pool_patches[idx])
@@ -306,13 +330,14 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
                 x, targets, patches = as_inputs(
                     *render(cfg.seed, start, cfg.batch_size, cfg.image_size, cfg.patch_size)
                 )
+            x, targets, patches = x.to(cfg.device), targets.to(cfg.device), patches.to(cfg.device)
             if warm:
                 x = F.interpolate(x, size=cfg.warm_size, mode="bilinear", antialias=True)
             template = torch.randint(len(TEMPLATES), (n_classes,), generator=gen)
             captions = tokens[template, torch.arange(n_classes)]
             if cfg.partial_captions:
                 captions = torch.cat([captions, partial_tokens])
-            captions = torch.cat([captions, background_tokens])  # last, when there is one
+            captions = torch.cat([captions.to(cfg.device), background_tokens])  # last, when there is one
             with grid_of(model, cfg.warm_size) if warm else nullcontext():
                 if cfg.token_loss:
                     image, patch_emb = image_and_patch_embeddings(model, x)
@@ -387,7 +412,7 @@ def save_model_folder(model: open_clip.CLIP, cfg: TrainConfig, out: Path, summar
         },
     }
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().half().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
     defaults = {
         "layers": cfg.layers,

@@ -167,6 +167,59 @@ def test_progressive_training_is_deterministic_and_ends_on_the_full_grid(tmp_pat
     assert loaded.preprocess["size"] == 64
 
 
+def test_patch_dropout_drops_tokens_in_training_only_and_the_tail_sees_every_patch(tmp_path):
+    """FLIP-style training: half of the 64 patches are dropped (the class token kept) for the first
+    `patch_dropout_steps` steps, none after; the run is deterministic, and the saved model, which
+    open_clip builds with the same PatchDropout, sees every patch at inference."""
+    cfg = TrainConfig(**TINY | {"steps": 4}, patch_dropout=0.5, patch_dropout_steps=2)
+    tokens_seen: list[int] = []
+
+    def count(module, args, output):
+        if isinstance(module, open_clip.transformer.Transformer) and module.training:
+            tokens_seen.append(args[0].shape[1])
+
+    with torch.nn.modules.module.register_module_forward_hook(count):
+        runs = [train(cfg, tmp_path / name, log_every=100) for name in "ab"]
+    vision = [n for n in tokens_seen if n != 16]  # the text tower's context length is 16
+    assert vision == [1 + 32, 1 + 32, 1 + 64, 1 + 64] * 2
+    weights = "open_clip_model.safetensors"
+    assert sha256_file(tmp_path / "a" / weights) == sha256_file(tmp_path / "b" / weights)
+    assert runs[0]["log"] == runs[1]["log"]
+
+    plain = tmp_path / "plain"
+    train(TrainConfig(**TINY | {"steps": 4}), plain)
+    assert sha256_file(plain / weights) != sha256_file(tmp_path / "a" / weights)
+
+    loaded = load_openclip(str(tmp_path / "a"))
+    assert loaded.model.visual.patch_dropout.prob == 0.5 and not loaded.model.training
+    assert_matches_reference(loaded, 64, "all")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"patch_dropout": 1.0}, "must lie in [0, 1)"),
+        ({"patch_dropout_steps": 2}, "needs patch_dropout > 0"),
+        ({"patch_dropout": 0.5, "patch_dropout_steps": 3}, "fewer than steps (3)"),
+        ({"patch_dropout": 0.5, "token_loss": 1.0}, "cannot run with patch_dropout"),
+    ],
+)
+def test_patch_dropout_options_that_cannot_work_are_refused_up_front(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**TINY, **options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="no CUDA GPU.*device='cpu'"):
+        TrainConfig(**TINY, device="cuda")
+
+
+def test_a_device_torch_does_not_know_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="'gpu' is not a torch device; use 'cpu' or 'cuda'"):
+        TrainConfig(**TINY, device="gpu")
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
