@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,17 +64,17 @@ def run_sweep(
     while pending or running:
         while pending and len(running) < parallel:
             name = pending.pop(0)
-            log = (out / f"{name}.log").open("w")
-            running[name] = subprocess.Popen(commands[name], stdout=log, stderr=subprocess.STDOUT)
+            with (out / f"{name}.log").open("w") as log:  # the child keeps its own handle
+                running[name] = subprocess.Popen(commands[name], stdout=log, stderr=subprocess.STDOUT)
         time.sleep(1)
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 del running[name]
                 if proc.returncode:
                     failed.add(name)
-                print(
-                    f"{name}: {'failed, see ' + str(out / (name + '.log')) if proc.returncode else 'trained'}"
-                )
+                    print(f"{name}: failed, see {out / name}.log")
+                else:
+                    print(f"{name}: trained")
     results = {}
     for name in runs:
         if name in failed:
@@ -100,7 +101,8 @@ def summarise(results: dict[str, dict], layer_sets: list[str]) -> str:
         line = f"{name:<16}{100 * r['zero_shot']:>9.1f}%"
         for ls in layer_sets:
             pointing, miou = r[f"{ls}|all|legrad"]
-            line += f"{100 * pointing:>9.1f}%{miou:>7.3f}{100 * r[f'{ls}|shared colour|legrad'][0]:>7.1f}%"
+            shared = r.get(f"{ls}|shared colour|legrad", [math.nan])[0]  # a user's cases may have no groups
+            line += f"{100 * pointing:>9.1f}%{miou:>7.3f}{100 * shared:>7.1f}%"
         best = max(layer_sets, key=lambda ls: r[f"{ls}|all|legrad"][0])
         baseline = max(r[f"{best}|all|{m}"][0] for m in BASELINES)
         lines.append(line + f"{100 * baseline:>14.1f}%")
