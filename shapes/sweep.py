@@ -11,7 +11,7 @@ OUT/results.json.
 
 This is for choosing a recipe on a GPU, where one run takes minutes; the shipped model is trained by
 the plain command on the CPU. On one GPU, start NVIDIA's MPS daemon first (`nvidia-cuda-mps-control
--d`): the runs' small kernels then share the GPU instead of taking turns, about 2.5 times the
+-d`): the runs' small kernels then share the GPU instead of taking turns, about 2.3 times the
 throughput of 8 runs here.
 """
 
