@@ -18,6 +18,9 @@ Metrics for one heatmap (H, W) and mask (H, W) bool, at the mask's (= the origin
 - `pointing_hit`: is the map's maximum inside the mask? Ties (values within 1e-6 of the map's range
   from its maximum) are broken uniformly at random in expectation: the score is the share of the
   maximal pixels that lie inside, so a constant map scores the mask's area share, chance level.
+- `pointing_other`: does a missed maximum fall on another object? The other objects are the masks of
+  the other cases of the same image, so it needs cases that name several objects per image. The
+  rest of the misses (1 - hit - other) fell on background.
 - `iou_at`: IoU of {heatmap ≥ threshold} with the mask.
 - `mass_inside`: share of the map's total (non-negative) relevance that falls inside the mask; a map
   with no relevance at all scores the mask's area share, like a uniform one.
@@ -59,6 +62,7 @@ __all__ = [
     "mass_inside",
     "min_max",
     "pointing_hit",
+    "pointing_other",
     "resize_heatmap",
     "save_heatmaps",
     "score_cases",
@@ -95,12 +99,29 @@ def _unit(heatmap: np.ndarray) -> np.ndarray:
     return heatmap if heatmap.min() >= 0 and heatmap.max() <= 1 else min_max(heatmap)
 
 
+def _maximal(heatmap: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels tied for the maximum."""
+    hi, lo = float(heatmap.max()), float(heatmap.min())
+    return heatmap >= hi - _TIE_TOLERANCE * (hi - lo)
+
+
 def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> float:
     """1.0 if the map's maximum lies inside the mask, 0.0 if outside; ties give the share inside."""
     heatmap, mask = _check_pair(heatmap, mask)
-    hi, lo = float(heatmap.max()), float(heatmap.min())
-    top = heatmap >= hi - _TIE_TOLERANCE * (hi - lo)
+    top = _maximal(heatmap)
     return float((top & mask).sum() / top.sum())
+
+
+def pointing_other(heatmap: np.ndarray, mask: np.ndarray, others: np.ndarray) -> float:
+    """1.0 if the map's maximum lies outside the mask but inside `others` (H, W) bool, the image's
+    other objects; ties give the share. With `pointing_hit` it splits the misses: the rest fell on
+    background."""
+    heatmap, mask = _check_pair(heatmap, mask)
+    others = np.asarray(others, dtype=bool)
+    if others.shape != mask.shape:
+        raise InputError(f"other objects' mask shape {others.shape} differs from mask shape {mask.shape}")
+    top = _maximal(heatmap)
+    return float((top & others & ~mask).sum() / top.sum())
 
 
 def iou_at(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
@@ -313,16 +334,19 @@ def save_heatmaps(folder: str | Path, heatmaps: Sequence[np.ndarray]) -> None:
 
 @dataclass(frozen=True)
 class CaseScore:
-    """The three metrics of one method on one case."""
+    """The metrics of one method on one case (`other`: the maximum fell on another object)."""
 
     hit: float
     iou: float
     mass_inside: float
+    other: float
 
 
 @dataclass(frozen=True)
 class MethodScore:
-    """One method on one group: pointing (share of hits), mIoU, mean mass inside, case count."""
+    """One method on one group: pointing (share of hits), mIoU, mean mass inside, case count, and
+    `other`: the share of cases whose maximum fell on another object of the image (1 - pointing -
+    other fell on background)."""
 
     method: str
     group: str
@@ -330,6 +354,7 @@ class MethodScore:
     miou: float
     mass_inside: float
     n: int
+    other: float
 
 
 @dataclass(frozen=True)
@@ -378,19 +403,33 @@ def score_cases(
     if masks is not None and len(masks) != len(cases):
         raise InputError(f"{len(masks)} masks for {len(cases)} cases")
 
-    per_case: dict[str, list[CaseScore]] = {m: [] for m in heatmaps}
+    by_image: dict[Path, list[int]] = {}
     for i, case in enumerate(cases):
-        mask = np.asarray(masks[i], dtype=bool) if masks is not None else load_mask(case.mask)
-        for method, maps in heatmaps.items():
-            try:
-                h = min_max(resize_heatmap(maps[i], mask.shape))
-                per_case[method].append(
-                    CaseScore(pointing_hit(h, mask), iou_at(h, mask, threshold), mass_inside(h, mask))
-                )
-            except InputError as exc:
-                raise InputError(
-                    f"case {i} ({case.image.name}, {case.prompt!r}), method {method!r}: {exc}"
-                ) from exc
+        by_image.setdefault(case.image, []).append(i)
+    per_case: dict[str, list[CaseScore | None]] = {m: [None] * len(cases) for m in heatmaps}
+    for members in by_image.values():  # one image's masks at a time: their union is its objects
+        image_masks = {
+            i: np.asarray(masks[i], dtype=bool) if masks is not None else load_mask(cases[i].mask)
+            for i in members
+        }
+        shapes = {m.shape for m in image_masks.values()}
+        objects = np.logical_or.reduce(list(image_masks.values())) if len(shapes) == 1 else None
+        for i, mask in image_masks.items():
+            case = cases[i]
+            others = objects if objects is not None else mask  # masks of differing sizes: no others
+            for method, maps in heatmaps.items():
+                try:
+                    h = min_max(resize_heatmap(maps[i], mask.shape))
+                    per_case[method][i] = CaseScore(
+                        pointing_hit(h, mask),
+                        iou_at(h, mask, threshold),
+                        mass_inside(h, mask),
+                        pointing_other(h, mask, others),
+                    )
+                except InputError as exc:
+                    raise InputError(
+                        f"case {i} ({case.image.name}, {case.prompt!r}), method {method!r}: {exc}"
+                    ) from exc
 
     groups = [ALL] + list(dict.fromkeys(c.group for c in cases if c.group is not None))
     rows = []
@@ -406,6 +445,7 @@ def score_cases(
                     miou=_mean(s.iou for s in scores),
                     mass_inside=_mean(s.mass_inside for s in scores),
                     n=len(scores),
+                    other=_mean(s.other for s in scores),
                 )
             )
     return Evaluation(
@@ -420,7 +460,15 @@ def _mean(values) -> float:
 
 def format_table(evaluation: Evaluation) -> str:
     """An aligned text table: one block per group, one line per method."""
-    head = ("group", "method", "pointing %", f"mIoU@{evaluation.threshold:g}", "mass inside", "n")
+    head = (
+        "group",
+        "method",
+        "pointing %",
+        "other object %",
+        f"mIoU@{evaluation.threshold:g}",
+        "mass inside",
+        "n",
+    )
     lines = []
     for group in evaluation.groups:
         for k, method in enumerate(evaluation.methods):
@@ -430,6 +478,7 @@ def format_table(evaluation: Evaluation) -> str:
                     group if k == 0 else "",
                     method,
                     f"{100 * r.pointing:.1f}",
+                    f"{100 * r.other:.1f}",
                     f"{r.miou:.3f}",
                     f"{r.mass_inside:.3f}",
                     str(r.n),

@@ -37,6 +37,7 @@ from .scenes import COLORS, SHAPES, TEMPLATES, class_captions, make_scene, parti
 
 __all__ = [
     "TrainConfig",
+    "background_evidence",
     "caption_overlap",
     "grid_of",
     "image_and_patch_embeddings",
@@ -81,6 +82,9 @@ class TrainConfig:
     # accuracy but LeGrad's maps then stop localising (README, "What moved it": run 7)
     token_loss: float = 0.0
     background_caption: str = "background"  # what background patches name in it ("": left free)
+    # weight of `background_evidence`: background patches must not look like the objects present; 0: off.
+    # Only in steps that see every patch at image_size (after warm_steps and patch_dropout_steps)
+    background_loss: float = 0.0
     # progressive resizing: the first `warm_steps` steps see the pool downsampled to `warm_size` px
     # (fewer tokens, cheaper steps) with the sine-cosine table of that grid; then `image_size` to the end
     warm_size: int = 0  # 0: off
@@ -107,6 +111,11 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r}: torch sees no CUDA GPU here; train with device='cpu'")
         if self.patch_dropout and self.token_loss:
             raise ValueError("token_loss labels every patch; it cannot run with patch_dropout")
+        if self.patch_dropout and self.background_loss and not self.patch_dropout_steps:
+            raise ValueError(
+                "background_loss labels every patch: with patch_dropout it needs patch_dropout_steps, "
+                "the tail that sees every patch"
+            )
         if self.warm_size:
             if self.pos_embed != "sin_cos_2d":
                 raise ValueError("warm_size needs pos_embed='sin_cos_2d': learned positions fit one grid")
@@ -229,6 +238,23 @@ def token_caption_loss(
     return F.cross_entropy(logits.flatten(0, 1), patches.flatten(), ignore_index=-1)
 
 
+def background_evidence(
+    tokens: torch.Tensor, text: torch.Tensor, targets: torch.Tensor, patches: torch.Tensor
+) -> torch.Tensor:
+    """How much background patches prefer the objects present: the mean over (image, background patch,
+    present class) of the positive part of the patch embedding's (B, N, D) cosine with that class
+    caption (C, D) minus its mean cosine over all class captions. Patches labelled -1 in `patches`
+    (B, N) are background. Against the mean, not zero: the contrastive loss only sees differences
+    between captions, so a bare cosine is met by shifting every embedding away from every caption.
+
+    A patch only partly covered by an object counts as background here, so the patch centred on the
+    object, not its neighbour, should carry the object's evidence at the end."""
+    cos = tokens @ text.T  # (B, N, C)
+    preference = (cos - cos.mean(2, keepdim=True)).relu()
+    weight = (patches < 0).unsqueeze(2) * targets.unsqueeze(1)  # background patch × present class
+    return (preference * weight).sum() / weight.sum().clamp(min=1)
+
+
 def caption_overlap(text: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine between the embeddings of different class captions.
 
@@ -320,6 +346,8 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
         for step in range(cfg.steps):
             model.train()
             warm = step < cfg.warm_steps  # warm_steps is 0 unless warm_size is set
+            dropping = cfg.patch_dropout and not (cfg.patch_dropout_steps and step >= cfg.patch_dropout_steps)
+            background = cfg.background_loss and not (warm or dropping)  # every patch at image_size
             if cfg.patch_dropout_steps and step == cfg.patch_dropout_steps:
                 model.visual.patch_dropout.prob = 0.0  # the unmasked tail: every patch, as in eval
             if cfg.pool:
@@ -339,7 +367,7 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
                 captions = torch.cat([captions, partial_tokens])
             captions = torch.cat([captions.to(cfg.device), background_tokens])  # last, when there is one
             with grid_of(model, cfg.warm_size) if warm else nullcontext():
-                if cfg.token_loss:
+                if cfg.token_loss or background:
                     image, patch_emb = image_and_patch_embeddings(model, x)
                 else:
                     image = model.encode_image(x, normalize=True)
@@ -367,6 +395,10 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 100) -> dict:
                     patches = patches.masked_fill(patches < 0, n_classes)
                 loss = loss + cfg.token_loss * token_caption_loss(
                     patch_emb, token_text, model.logit_scale.exp(), patches
+                )
+            if background:
+                loss = loss + cfg.background_loss * background_evidence(
+                    patch_emb, text[:n_classes], targets, patches
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,6 +19,7 @@ from legrad_runtime.evaluation import (
     load_saved_heatmaps,
     mass_inside,
     pointing_hit,
+    pointing_other,
     resize_heatmap,
     save_heatmaps,
     score_cases,
@@ -49,6 +50,22 @@ def test_pointing_ties_score_the_share_of_maximal_pixels_inside():
     assert pointing_hit(h, _mask((4, 4), (3, 3), (2, 2))) == pytest.approx(1 / 3)
     constant = np.full((4, 4), 0.3)  # every pixel ties: chance level, the mask's area share
     assert pointing_hit(constant, _mask((4, 4), (0, 0), (1, 1), (2, 2))) == pytest.approx(3 / 16)
+
+
+def test_pointing_other_counts_maxima_on_another_object_not_on_the_own_one_or_background():
+    own, other = _mask((4, 4), (0, 0), (0, 1)), _mask((4, 4), (3, 3), (3, 2))
+    objects = own | other  # the image's objects, the queried one included
+    h = np.zeros((4, 4))
+    h[3, 3] = 1.0
+    assert pointing_other(h, own, objects) == 1.0 and pointing_hit(h, own) == 0.0
+    assert pointing_other(h, other, objects) == 0.0  # a hit is not a miss on another object
+    h[3, 3], h[2, 0] = 0.0, 1.0  # on background
+    assert pointing_other(h, own, objects) == 0.0 and pointing_hit(h, own) == 0.0
+    h[0, 0] = h[3, 2] = 1.0  # three maxima: own, other, background
+    assert pointing_other(h, own, objects) == pytest.approx(1 / 3)
+    assert pointing_hit(h, own) == pytest.approx(1 / 3)
+    with pytest.raises(InputError, match=r"other objects' mask shape \(2, 2\) differs"):
+        pointing_other(h, own, np.ones((2, 2), bool))
 
 
 def test_iou_counts_pixels_at_or_above_the_threshold():
@@ -255,6 +272,10 @@ def test_scores_are_grouped_with_an_all_row(tmp_path):
     assert ev.row("good").miou == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert ev.row("good").mass_inside == pytest.approx(2 / 3)
     assert [s.hit for s in ev.per_case["good"]] == [1.0, 1.0, 0.0]
+    # bad: case 0 peaks on case 1's object (same image a.png); cases 1 and 2 peak on background
+    assert [s.other for s in ev.per_case["bad"]] == [1.0, 0.0, 0.0]
+    assert ev.row("bad").other == pytest.approx(1 / 3) and ev.row("bad", "g2").other == 0.0
+    assert ev.row("good").other == 0.0
 
 
 def test_scoring_normalises_and_resizes_maps(tmp_path):
@@ -277,9 +298,10 @@ def test_table_lists_every_group_and_method_aligned(tmp_path):
     h[0, 0] = 1.0
     ev = score_cases(cases, {"legrad": [h, h, h], "centre prior": [np.ones((4, 4))] * 3})
     lines = format_table(ev).splitlines()
-    assert lines[0].split()[:3] == ["group", "method", "pointing"]
+    assert lines[0].split()[:6] == ["group", "method", "pointing", "%", "other", "object"]
     assert len(lines) == 2 + 3 * 2
-    assert lines[2].split() == ["all", "legrad", "33.3", "0.167", "0.333", "3"]
-    assert lines[4].split() == ["g1", "legrad", "50.0", "0.250", "0.500", "2"]
+    # the peak (0, 0) is case 0's object: a hit there, a miss on it for case 1 (same image)
+    assert lines[2].split() == ["all", "legrad", "33.3", "33.3", "0.167", "0.333", "3"]
+    assert lines[4].split() == ["g1", "legrad", "50.0", "0.0", "0.250", "0.500", "2"]
     assert lines[7].split()[:2] == ["centre", "prior"]
     assert len({len(line) for line in lines}) == 1  # right-aligned numbers: equal line lengths

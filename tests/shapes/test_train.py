@@ -16,6 +16,7 @@ from legrad_runtime.metadata import sha256_file
 from legrad_shapes.scenes import COLORS, SHAPES
 from legrad_shapes.train import (
     TrainConfig,
+    background_evidence,
     caption_overlap,
     grid_of,
     image_and_patch_embeddings,
@@ -82,6 +83,30 @@ def test_token_caption_loss_is_the_mean_cross_entropy_over_object_patches_only()
     assert loss.item() == pytest.approx(sum(terms) / 3, rel=1e-5)
 
 
+def test_background_evidence_averages_how_much_background_patches_prefer_present_classes():
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.nn.functional.normalize(torch.randn(2, 3, 4, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 4, generator=gen), dim=-1)
+    targets = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1]])
+    patches = torch.tensor([[2, -1, -1], [-1, 4, 4]])
+
+    def preference(b: int, n: int, c: int) -> float:
+        cosines = [float(tokens[b, n] @ t) for t in text]
+        return max(0.0, cosines[c] - sum(cosines) / len(cosines))
+
+    terms = [
+        preference(b, n, c)
+        for b in range(2)
+        for n in range(3)
+        if patches[b, n] < 0
+        for c in range(5)
+        if targets[b, c]
+    ]
+    assert len(terms) == 5 and any(terms)  # image 0: 2 background patches × 2 classes; image 1: 1 × 1
+    assert background_evidence(tokens, text, targets, patches).item() == pytest.approx(sum(terms) / 5)
+    assert background_evidence(tokens, text, targets, torch.zeros(2, 3, dtype=torch.long)).item() == 0
+
+
 def test_patch_embeddings_are_the_last_tokens_through_the_pooled_embeddings_head():
     torch.manual_seed(0)
     model = open_clip.CLIP(**model_config(TrainConfig(**TINY))).eval()
@@ -99,11 +124,12 @@ def test_patch_embeddings_are_the_last_tokens_through_the_pooled_embeddings_head
     torch.testing.assert_close(patches, expected)
 
 
-@pytest.mark.parametrize("token_loss, background", [(0.0, "background"), (1.0, "background"), (1.0, "")])
-def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(
-    tmp_path, token_loss, background
-):
-    cfg = TrainConfig(**TINY, token_loss=token_loss, background_caption=background)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"token_loss": 1.0}, {"token_loss": 1.0, "background_caption": ""}, {"background_loss": 1.0}],
+)
+def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(tmp_path, options):
+    cfg = TrainConfig(**TINY, **options)
     train(cfg, tmp_path / "a")
     train(cfg, tmp_path / "b")
     weights = "open_clip_model.safetensors"
@@ -115,6 +141,9 @@ def test_training_is_deterministic_and_writes_a_model_folder_the_exporter_reads(
     vocabulary = loaded.defaults.vocabulary
     assert set(vocabulary.slots["color"]) == set(COLORS) and set(vocabulary.slots["shape"]) == set(SHAPES)
     assert "an orange cross" in vocabulary.prompts()
+    if options:  # the extra term reaches the weights
+        train(TrainConfig(**TINY), tmp_path / "plain")
+        assert sha256_file(tmp_path / "plain" / weights) != sha256_file(tmp_path / "a" / weights)
 
 
 @pytest.mark.parametrize("size", [64, 96])
@@ -202,6 +231,7 @@ def test_patch_dropout_drops_tokens_in_training_only_and_the_tail_sees_every_pat
         ({"patch_dropout_steps": 2}, "needs patch_dropout > 0"),
         ({"patch_dropout": 0.5, "patch_dropout_steps": 3}, "fewer than steps (3)"),
         ({"patch_dropout": 0.5, "token_loss": 1.0}, "cannot run with patch_dropout"),
+        ({"patch_dropout": 0.5, "background_loss": 1.0}, "it needs patch_dropout_steps"),
     ],
 )
 def test_patch_dropout_options_that_cannot_work_are_refused_up_front(options, message):
