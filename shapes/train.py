@@ -59,6 +59,7 @@ class TrainConfig:
     patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 4
+    head_width: int = 64  # the vision tower's heads: vision_width / head_width
     mlp_ratio: float = 4.0  # the vision tower's MLP width over its width
     text_width: int = 128
     text_layers: int = 3
@@ -82,7 +83,7 @@ class TrainConfig:
     # accuracy but LeGrad's maps then stop localising (README, "What moved it": run 7)
     token_loss: float = 0.0
     background_caption: str = "background"  # what background patches name in it ("": left free)
-    # weight of `background_evidence`: background patches must not look like the objects present; 0: off.
+    # weight of `background_evidence`: background patches must not prefer the objects present; 0: off.
     # Only in steps that see every patch at image_size (after warm_steps and patch_dropout_steps)
     background_loss: float = 0.0
     # progressive resizing: the first `warm_steps` steps see the pool downsampled to `warm_size` px
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r} is not a torch device; use 'cpu' or 'cuda'") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: torch sees no CUDA GPU here; train with device='cpu'")
+        if self.vision_width % self.head_width:
+            raise ValueError(f"head_width {self.head_width} must divide vision_width {self.vision_width}")
         if self.patch_dropout and self.token_loss:
             raise ValueError("token_loss labels every patch; it cannot run with patch_dropout")
         if self.patch_dropout and self.background_loss and not self.patch_dropout_steps:
@@ -139,7 +142,7 @@ def model_config(cfg: TrainConfig) -> dict:
             "patch_size": cfg.patch_size,
             "width": cfg.vision_width,
             "layers": cfg.vision_layers,
-            "head_width": 64,
+            "head_width": cfg.head_width,
             "mlp_ratio": cfg.mlp_ratio,
             # the embedding is LN_post(mean of the tokens) @ proj: the very score LeGrad differentiates
             # at every layer, so its maps follow what the model uses (CLS pooling scattered them)

@@ -13,6 +13,7 @@ from open_clip.pos_embed import get_2d_sincos_pos_embed
 
 from legrad_export.load import default_layer_spec, load_openclip
 from legrad_runtime.metadata import sha256_file
+from legrad_shapes import train as train_module
 from legrad_shapes.scenes import COLORS, SHAPES
 from legrad_shapes.train import (
     TrainConfig,
@@ -222,6 +223,38 @@ def test_patch_dropout_drops_tokens_in_training_only_and_the_tail_sees_every_pat
     loaded = load_openclip(str(tmp_path / "a"))
     assert loaded.model.visual.patch_dropout.prob == 0.5 and not loaded.model.training
     assert_matches_reference(loaded, 64, "all")
+
+
+def test_head_width_sets_the_vision_heads_and_the_export_follows(tmp_path):
+    train(TrainConfig(**TINY, head_width=16), tmp_path)
+    loaded = load_openclip(str(tmp_path))
+    assert loaded.model.visual.transformer.resblocks[0].attn.num_heads == 64 // 16
+    assert_matches_reference(loaded, 64, "all")
+    with pytest.raises(ValueError, match="head_width 48 must divide vision_width 64"):
+        TrainConfig(**TINY, head_width=48)
+
+
+@pytest.mark.parametrize(
+    "options, expected_steps",
+    [
+        ({}, 4),
+        ({"patch_dropout": 0.5, "patch_dropout_steps": 2}, 2),
+        ({"pos_embed": "sin_cos_2d", "warm_size": 48, "warm_steps": 3}, 1),
+    ],
+)
+def test_the_background_term_only_runs_in_steps_that_see_every_patch_at_full_size(
+    tmp_path, monkeypatch, options, expected_steps
+):
+    grids = []
+    original = train_module.background_evidence
+
+    def counting(tokens, text, targets, patches):
+        grids.append((tokens.shape[1], patches.shape[1]))
+        return original(tokens, text, targets, patches)
+
+    monkeypatch.setattr(train_module, "background_evidence", counting)
+    train(TrainConfig(**TINY | {"steps": 4}, background_loss=1.0, **options), tmp_path)
+    assert grids == [(64, 64)] * expected_steps  # every one of the 8×8 patches, each labelled
 
 
 @pytest.mark.parametrize(
