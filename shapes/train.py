@@ -1,7 +1,9 @@
 """Train a small OpenCLIP model on generated scenes, contrastively, every present object's caption a
 positive. Deterministic under a seed (fixed thread count, fixed number of steps).
 
-    python -m legrad_shapes.train --out assets/shapes-clip     # the shipped model: 2 cores, about 27 minutes
+    # the shipped model (README, run 15): 2 cores, about 25 minutes
+    python -m legrad_shapes.train --out assets/shapes-clip \
+        --vision-layers 6 --vision-width 96 --head-width 32 --layers all
 
 The output folder is an open_clip `local-dir:` model (open_clip_config.json + fp16 safetensors) plus
 `legrad_defaults.json`: the layer set the exporter should use for it and its vocabulary (colours, shapes,
@@ -73,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     seed: int = 0
     threads: int = 2
-    layers: str = "-3"  # written to legrad_defaults.json: the best on validation scenes (seed 20_002)
+    layers: str = "-3"  # written to legrad_defaults.json; choose it on validation scenes (seed 20_002)
     logit_scale: float = 1 / 0.07  # the learnable inverse temperature's start (CLIP's default)
     partial_captions: bool = True  # also 'a circle', 'a red object' as captions
     text_separation: float = 1.0  # weight of `caption_overlap`: keeps class captions' embeddings apart
