@@ -5,9 +5,9 @@
 
 runs.json maps a run name to `TrainConfig` fields, e.g. {"wd2": {"weight_decay": 0.2, "steps": 5000}}.
 Each run is the `legrad_shapes.train` command in its own process (log in OUT/NAME.log, model folder in
-OUT/NAME), then `legrad-evaluate` for each layer set. The table (zero-shot accuracy, LeGrad pointing
-and mIoU per layer set, shared-colour pointing, the best baseline) is printed and written to
-OUT/results.json.
+OUT/NAME), then `legrad-evaluate` for each layer set, also `--parallel` processes at a time. The table
+(zero-shot accuracy, LeGrad pointing and mIoU per layer set, shared-colour pointing, the best baseline)
+is printed and written to OUT/results.json.
 
 This is for choosing a recipe on a GPU, where one run takes minutes; the shipped model is trained by
 the plain command on the CPU. On one GPU, start NVIDIA's MPS daemon first (`nvidia-cuda-mps-control
@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .train import TrainConfig
@@ -75,15 +76,17 @@ def run_sweep(
                     print(f"{name}: failed, see {out / name}.log")
                 else:
                     print(f"{name}: trained")
+    trained = [name for name in runs if name not in failed]
+    jobs = [(name, layers) for name in trained for layers in layer_sets]
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # each evaluation is its own process
+        scores = dict(zip(jobs, pool.map(lambda job: _evaluate(out / job[0], cases, job[1]), jobs)))
     results = {}
-    for name in runs:
-        if name in failed:
-            continue
+    for name in trained:
         summary = json.loads((out / name / "training.json").read_text())
         result = {"config": runs[name], "zero_shot": summary["val_zero_shot"]["accuracy"]}
         result["train_seconds"] = summary["train_seconds"]
         for layers in layer_sets:
-            for row in _evaluate(out / name, cases, layers)["rows"]:
+            for row in scores[name, layers]["rows"]:
                 result[f"{layers}|{row['group']}|{row['method']}"] = [row["pointing"], row["miou"]]
         results[name] = result
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,9 +1,9 @@
 """Train a small OpenCLIP model on generated scenes, contrastively, every present object's caption a
 positive. Deterministic under a seed (fixed thread count, fixed number of steps).
 
-    # the shipped model (README, run 15): 2 cores, about 25 minutes
+    # the shipped model (README, run 16): 2 cores, about 26 minutes
     python -m legrad_shapes.train --out assets/shapes-clip \
-        --vision-layers 6 --vision-width 96 --head-width 32 --layers all
+        --vision-layers 6 --vision-width 96 --head-width 16 --layers=-5
 
 The output folder is an open_clip `local-dir:` model (open_clip_config.json + fp16 safetensors) plus
 `legrad_defaults.json`: the layer set the exporter should use for it and its vocabulary (colours, shapes,
