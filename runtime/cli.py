@@ -3,8 +3,10 @@
     legrad explain MODEL_DIR photos/*.jpg -p "a cat" -p "a remote control" --out out/
     legrad info MODEL_DIR
 
-Bad arguments end in one line on stderr and exit code 2. Images that cannot be read are reported
-one line each and skipped; the others are still written, and the exit code is then 1.
+Every output lands inside --out: OUT/<image>/<prompt>.png (names made safe and unique),
+OUT/scores.csv, and OUT/prompts.csv mapping each file name back to its prompt. Exit codes: 0 done,
+1 some images skipped (each named on stderr), 2 bad input (one line on stderr), 3 internal error,
+130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,22 +15,28 @@ import argparse
 import csv
 import glob
 import json
-import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from .cli_runner import EXIT_OK, EXIT_PARTIAL, run_main, say
 from .errors import LegradError
+from .files import ensure_output_folder, printable, safe_name
 from .metadata import ModelMetadata, read_metadata
+from .preprocess import DEFAULT_MAX_PIXELS
 from .session import DEVICES, load
 from .visualize import COLORMAPS, save_png
 
 __all__ = ["main", "build_parser", "find_images"]
 
+PROG = "legrad"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SCORES_FILE, PROMPTS_FILE = "scores.csv", "prompts.csv"
+_RESERVED = {SCORES_FILE, PROMPTS_FILE}
 
 
 class UsageError(LegradError):
@@ -57,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--cmap", choices=sorted(COLORMAPS), default="jet", help="colormap (default: jet)")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1] (default: 0.5)")
+    ex.add_argument(
+        "--max-pixels",
+        type=float,
+        default=DEFAULT_MAX_PIXELS / 1e6,
+        metavar="MP",
+        help=f"largest image to decode, in megapixels (default: {DEFAULT_MAX_PIXELS / 1e6:g}); larger "
+        "JPEGs are decoded at 1/2 to 1/8 scale, other formats skipped",
+    )
 
     info = sub.add_parser("info", help="print a model folder's metadata")
     info.add_argument("model_dir")
@@ -81,21 +97,37 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "prompt"
-
-
 def _unique(name: str, used: set[str]) -> str:
-    """photos/a/cat.jpg and photos/b/cat.jpg must not overwrite each other's outputs."""
+    """photos/a/cat.jpg and photos/b/cat.jpg (or "a cat!" and "a cat?") must not share a file."""
     candidate, k = name, 1
-    while candidate in used:
+    while candidate in used or candidate in _RESERVED:
         k += 1
         candidate = f"{name}-{k}"
     used.add(candidate)
     return candidate
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, not {args.batch_size}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1], not {args.alpha}")
+    if not 0 < args.max_pixels <= 1e4:
+        raise UsageError(f"--max-pixels must be in (0, 10000] megapixels, not {args.max_pixels:g}")
+
+
+def _load_model(args: argparse.Namespace):
+    """Load the model; a warning (CUDA asked for, CPU given) becomes one line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load(args.model_dir, device=args.device, max_pixels=int(args.max_pixels * 1e6))
+    for warning in caught:
+        say(PROG, "warning", warning.message)
+    return model
+
+
 def _explain(args: argparse.Namespace) -> int:
+    _check_args(args)
     args.prompts = list(args.prompts or [])
     if args.vocabulary:
         vocabulary = read_metadata(args.model_dir).vocabulary
@@ -104,87 +136,93 @@ def _explain(args: argparse.Namespace) -> int:
         args.prompts = list(dict.fromkeys(args.prompts + vocabulary.prompts()))
     if not args.prompts:
         raise UsageError('give at least one prompt with -p, e.g. -p "a photo of a cat"')
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, not {args.batch_size}")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f"--alpha must be in [0, 1], not {args.alpha}")
     images = find_images(args.images)
     if not images:
         raise UsageError(f"no image files found in {' '.join(args.images)}")
-    model = load(args.model_dir, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [_slug(p) for p in args.prompts]
-    failed = 0
-    rows = []
+    try:
+        out = ensure_output_folder(args.out)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model = _load_model(args)
     used: set[str] = set()
+    names = [_unique(safe_name(p, "prompt"), used) for p in args.prompts]
+    failed, rows, image_dirs = 0, [], set()
     with tqdm(total=len(images), unit="image", desc="explain", disable=None, file=sys.stderr) as bar:
         for batch in model.explain_batches(images, args.prompts, batch_size=args.batch_size, on_error="skip"):
             for failure in batch.failures:
-                tqdm.write(f"legrad: skipped: {failure.error}", file=sys.stderr)
+                tqdm.write(f"{PROG}: skipped: {printable(failure.error)}", file=sys.stderr)
             failed += len(batch.failures)
             for b, source in enumerate(batch.sources):
-                stem = out / _unique(Path(source).stem, used)
-                stem.mkdir(exist_ok=True)
+                folder = out / _unique(safe_name(Path(source).stem, "image"), image_dirs)
+                folder.mkdir(exist_ok=True)
                 for p, name in enumerate(names):
-                    save_png(batch.overlay(b, p, cmap=args.cmap, alpha=args.alpha), stem / f"{name}.png")
+                    save_png(batch.overlay(b, p, cmap=args.cmap, alpha=args.alpha), folder / f"{name}.png")
                     if args.layers_figure:
-                        save_png(batch.layer_figure(b, p, cmap=args.cmap), stem / f"{name}__layers.png")
-                    rows.append((source, args.prompts[p], float(batch.similarities[b, p])))
+                        save_png(batch.layer_figure(b, p, cmap=args.cmap), folder / f"{name}__layers.png")
+                    rows.append((source, folder.name, args.prompts[p], float(batch.similarities[b, p])))
                 if args.save_npy:
                     maps = np.stack([batch.heatmap_on_original(b, p) for p in range(len(names))])
-                    np.save(stem / "heatmaps.npy", maps)  # (P, H, W) on the original image
+                    np.save(folder / "heatmaps.npy", maps)  # (P, H, W) on the original image
             bar.update(len(batch.sources) + len(batch.failures))
-    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "prompt", "cosine_similarity"])
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} overlays for {len(images) - failed} image(s) to {out}")
+    done = len(images) - failed
+    if done == 0:
+        raise UsageError(f"none of the {len(images)} image(s) could be read (each is named above)")
+    _write_csv(out / SCORES_FILE, ["image", "folder", "prompt", "cosine_similarity"], rows)
+    _write_csv(out / PROMPTS_FILE, ["file", "prompt"], [(f"{n}.png", p) for n, p in zip(names, args.prompts)])
+    print(f"wrote {len(rows)} overlays for {done} image(s) to {printable(out)}")
     if failed:
-        print(f"legrad: {failed} image(s) could not be read (listed above)", file=sys.stderr)
-        return 1
-    return 0
+        say(PROG, "warning", f"{failed} of {len(images)} image(s) could not be read and were skipped")
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[object]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _summary(m: ModelMetadata) -> str:
-    pre = m.preprocess
+    """The metadata for people; every string from the folder printed safely (no escapes, one line)."""
+    pre, q = m.preprocess, printable
     lines = [
-        f"model        {m.model_name}  (pretrained: {m.pretrained})",
+        f"model        {q(m.model_name)}  (pretrained: {q(m.pretrained)})",
         f"input        {m.image_size}×{m.image_size} px, patch {m.patch_size}, "
         f"grid {m.grid_size}×{m.grid_size}, resize {pre.resize_mode}/{pre.interpolation}",
         f"layers       {', '.join(map(str, m.layers))} of {m.num_layers}  (width {m.width}, {m.heads} heads, "
         f"{m.activation})",
-        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}; tokenizer {m.tokenizer.kind}, "
+        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}; tokenizer {q(m.tokenizer.kind)}, "
         f"context {m.tokenizer.context_length}",
-        f"exported by  legrad-onnx {m.exporter_version}, open_clip {m.open_clip_version}, torch "
-        f"{m.torch_version}, opset {m.opset}; schema v{m.schema_version}",
+        f"exported by  legrad-onnx {q(m.exporter_version)}, open_clip {q(m.open_clip_version)}, torch "
+        f"{q(m.torch_version)}, opset {m.opset}; schema v{m.schema_version}",
     ]
     if m.vocabulary is not None:
-        slots = "; ".join(f"{name}: {', '.join(values)}" for name, values in m.vocabulary.slots.items())
-        example = m.vocabulary.prompts()[0]
+        v = m.vocabulary
+        slots = "; ".join(f"{q(name)}: {', '.join(map(q, values))}" for name, values in v.slots.items())
         lines += [
             f"vocabulary   {slots}",
-            f"  templates  {' | '.join(m.vocabulary.templates)}  (e.g. {example!r}; --vocabulary uses all)",
+            f"  templates  {' | '.join(map(q, v.templates))}  (e.g. {q(v.example())!r}; "
+            f"--vocabulary uses all {v.count:,})",
         ]
     lines.append("files")
     lines += [
-        f"  {e.path:<28} {e.size_bytes / 1e6:9.1f} MB  sha256 {e.sha256[:16]}…" for e in m.files.values()
+        f"  {q(e.path):<28} {e.size_bytes / 1e6:9.1f} MB  sha256 {e.sha256[:16]}…" for e in m.files.values()
     ]
     return "\n".join(lines)
+
+
+def _info(args: argparse.Namespace) -> int:
+    meta = read_metadata(args.model_dir)
+    # json.dumps escapes every control character (ensure_ascii), so the JSON is safe to print too
+    print(json.dumps(meta.to_dict(), indent=2) if args.json else _summary(meta))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "info":
-            meta = read_metadata(args.model_dir)
-            print(json.dumps(meta.to_dict(), indent=2) if args.json else _summary(meta))
-            return 0
-        return _explain(args)
-    except LegradError as exc:
-        print(f"legrad: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(PROG, lambda: _info(args) if args.command == "info" else _explain(args))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
+import string
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError, SchemaVersionError
+from .errors import ModelFolderError, PromptError, SchemaVersionError
+from .files import UnreadableFile, inside, open_regular, printable, read_regular
+from .validate import FieldError, Fields, show
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,8 +35,11 @@ __all__ = [
     "FileEntry",
     "Vocabulary",
     "ModelMetadata",
+    "ModelFolder",
     "sha256_file",
     "read_metadata",
+    "required_files",
+    "check_layout",
     "verify_files",
 ]
 
@@ -40,6 +49,16 @@ ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, mi
 
 RESIZE_MODES = ("shortest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")
+CLEAN_MODES = ("lower", "whitespace", "canonicalize")  # open_clip's text cleaning, by name
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+# limits on what a model folder may declare: far above any real model, low enough to be harmless
+MAX_METADATA_BYTES = 16 * 1024**2
+MAX_IMAGE_SIZE = 8192
+MAX_CONTEXT_LENGTH = 4096
+MAX_FILES = 64
+MAX_VOCABULARY_SLOTS = 8
+MAX_VOCABULARY_PROMPTS = 4096  # prompts `--vocabulary` may form: each is a heatmap per image
 
 
 # ---------------------------------------------------------------- the graphs' IO contract
@@ -143,7 +162,8 @@ class Vocabulary:
 
     A prompt fills one value per slot into a template: with slots {"color": ("red",), "shape":
     ("circle",)}, "{a} {color} {shape}" gives "a red circle". `{a}` becomes "a" or "an" to suit the
-    word after it.
+    word after it. Templates hold plain `{name}` slots only (no attributes, indexes, conversions or
+    format specs), since they come from a model folder: `str.format` is never given more.
     """
 
     slots: dict[str, tuple[str, ...]]
@@ -154,28 +174,74 @@ class Vocabulary:
             raise ValueError("a vocabulary needs at least one slot, each with at least one value")
         if not self.templates:
             raise ValueError("a vocabulary needs at least one template")
+        if len(self.slots) > MAX_VOCABULARY_SLOTS:
+            raise ValueError(f"a vocabulary has at most {MAX_VOCABULARY_SLOTS} slots, not {len(self.slots)}")
         for template in self.templates:
-            unknown = set(re.findall(r"{(\w+)}", template)) - set(self.slots) - {"a"}
+            unknown = set(_template_slots(template)) - set(self.slots) - {"a"}
             if unknown:
                 raise ValueError(f"template {template!r} names unknown slot(s) {sorted(unknown)}")
 
-    def prompts(self, template: int = 0) -> list[str]:
-        """Every combination of slot values in one template, the first slot varying slowest (no repeats)."""
-        names = list(self.slots)
-        out = []
-        for values in itertools.product(*self.slots.values()):
-            text = self.templates[template].format(a="\0", **dict(zip(names, values)))
-            out.append(
-                re.sub(r"\0(\s+)(\w)", lambda m: ("an" if m[2] in "aeiouAEIOU" else "a") + m[1] + m[2], text)
+    @property
+    def count(self) -> int:
+        """How many combinations one template forms (before duplicates are dropped)."""
+        return math.prod(len(values) for values in self.slots.values())
+
+    def _fill(self, template: int, values: Sequence[str]) -> str:
+        text = self.templates[template].format(a="\0", **dict(zip(self.slots, values)))
+        return re.sub(r"\0(\s+)(\w)", lambda m: ("an" if m[2] in "aeiouAEIOU" else "a") + m[1] + m[2], text)
+
+    def example(self, template: int = 0) -> str:
+        """The first prompt of a template, without forming the others."""
+        return self._fill(template, [values[0] for values in self.slots.values()])
+
+    def prompts(self, template: int = 0, limit: int = MAX_VOCABULARY_PROMPTS) -> list[str]:
+        """Every combination of slot values in one template, the first slot varying slowest (no repeats).
+
+        Raises PromptError when there would be more than `limit` prompts: each one is a heatmap.
+        """
+        if self.count > limit:
+            raise PromptError(
+                f"the vocabulary forms {self.count:,} prompts, more than the {limit:,} allowed; "
+                "pass prompts with -p instead"
             )
+        out = [self._fill(template, values) for values in itertools.product(*self.slots.values())]
         return list(dict.fromkeys(out))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
-        return cls(
-            slots={str(k): tuple(str(v) for v in vals) for k, vals in dict(data["slots"]).items()},
-            templates=tuple(str(t) for t in data["templates"]),
-        )
+    def from_dict(cls, data: Any) -> Vocabulary:
+        f = Fields(data, "vocabulary", ("slots", "templates"))
+        slots = f.object("slots", MAX_VOCABULARY_SLOTS)
+        checked = {}
+        for name in slots:
+            if not (isinstance(name, str) and name.isidentifier() and len(name) <= 40) or name == "a":
+                raise FieldError("vocabulary.slots", f"has a bad slot name {show(name)}; use identifiers")
+            checked[name] = Fields(slots, "vocabulary.slots", tuple(slots)).strs(name, 1000, 100)
+        templates = f.strs("templates", 100, 300)
+        for template in templates:
+            _template_slots(template)
+        return cls(slots=checked, templates=templates)
+
+
+def _template_slots(template: str) -> list[str]:
+    """The slot names of a template; ValueError for anything but literal text and plain `{name}`."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise FieldError(
+            "vocabulary.templates", f"has a malformed template {show(template)} ({exc})"
+        ) from None
+    names = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise FieldError(
+                "vocabulary.templates",
+                f"template {show(template)} has {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}; only plain {{name}} slots are allowed",
+            )
+        names.append(name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -218,13 +284,16 @@ class ModelMetadata:
         return json.dumps(self.to_dict(embedded=embedded), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> ModelMetadata:
-        """Parse and validate; raise ModelFolderError naming every missing or malformed field."""
+    def from_dict(cls, data: Any, source: str = "metadata") -> ModelMetadata:
+        """Parse and validate every field (types, ranges, agreement); ModelFolderError names the field."""
         if not isinstance(data, dict):
             raise ModelFolderError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if not isinstance(version, int):
-            raise ModelFolderError(f"{source}: no integer 'schema_version'; not a legrad model folder?")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ModelFolderError(
+                f"{source}: 'schema_version' must be a positive integer, got {show(version)}; "
+                "not a legrad model folder?"
+            )
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{source} uses metadata schema v{version}, but this legrad-onnx reads up to "
@@ -235,20 +304,80 @@ class ModelMetadata:
         if missing:
             raise ModelFolderError(f"{source}: missing field(s) {', '.join(missing)}; re-export the model")
         try:
-            values = dict(data)
-            values["layers"] = tuple(values["layers"])
-            pre = dict(values["preprocess"])
-            pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
-            values["preprocess"] = PreprocessCfg(**pre)
-            tok = dict(values["tokenizer"])
-            tok["files"] = tuple(tok["files"])
-            values["tokenizer"] = TokenizerCfg(**tok)
-            values["files"] = {k: FileEntry(**v) for k, v in values.get("files", {}).items()}
-            if values.get("vocabulary") is not None:
-                values["vocabulary"] = Vocabulary.from_dict(values["vocabulary"])
-            return cls(**values)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ModelFolderError(f"{source}: malformed metadata ({exc}); re-export the model") from exc
+            return _parse(data, version)
+        except ValueError as exc:  # FieldError, and the dataclasses' own checks
+            raise ModelFolderError(f"{source}: {exc}; re-export the model") from None
+
+
+def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
+    f = Fields(data, "", [x.name for x in fields(ModelMetadata)])
+    image_size = f.int("image_size", 1, MAX_IMAGE_SIZE)
+    patch_size = f.int("patch_size", 1, image_size)
+    grid_size = f.int("grid_size", 1, image_size)
+    if grid_size * patch_size != image_size:
+        raise FieldError(
+            "grid_size", f"× patch_size must equal image_size ({grid_size}×{patch_size} ≠ {image_size})"
+        )
+    num_layers = f.int("num_layers", 1, 1000)
+    layers = f.ints("layers", 0, num_layers - 1, num_layers)
+    if len(set(layers)) != len(layers):
+        raise FieldError("layers", f"must not repeat a block, got {show(list(layers))}")
+    width = f.int("width", 1, 1 << 20)
+    heads = f.int("heads", 1, width)
+    if width % heads:
+        raise FieldError("heads", f"must divide width ({width} % {heads} ≠ 0)")
+
+    pre = Fields(f.raw("preprocess"), "preprocess", [x.name for x in fields(PreprocessCfg)])
+    size = pre.int("size", 1, MAX_IMAGE_SIZE)
+    if size != image_size:
+        raise FieldError("preprocess.size", f"must equal image_size {image_size}, got {size}")
+    preprocess = PreprocessCfg(
+        size,
+        pre.numbers("mean", 3),  # type: ignore[arg-type]
+        pre.numbers("std", 3, positive=True),  # type: ignore[arg-type]
+        pre.str("interpolation", choices=INTERPOLATIONS) if pre.has("interpolation") else "bicubic",
+        pre.str("resize_mode", choices=RESIZE_MODES) if pre.has("resize_mode") else "squash",
+    )
+    tok = Fields(f.raw("tokenizer"), "tokenizer", [x.name for x in fields(TokenizerCfg)])
+    tokenizer = TokenizerCfg(
+        tok.str("kind", 40),
+        tok.int("context_length", 2, MAX_CONTEXT_LENGTH),
+        tok.strs("files", 16, 300),
+        tok.str("clean", choices=CLEAN_MODES) if tok.has("clean") else "lower",
+    )
+    files = {}
+    for key, value in f.object("files", MAX_FILES).items() if f.has("files") else ():
+        entry = Fields(value, f"files.{key}", ("path", "sha256", "size_bytes"))
+        path = entry.str("path", 300)
+        if path != key:
+            raise FieldError(f"files.{key}", f"lists path {show(path)} under another name")
+        files[key] = FileEntry(path, entry.sha256("sha256"), entry.int("size_bytes", 0, 1 << 50))
+    vocabulary = data.get("vocabulary")
+    return ModelMetadata(
+        model_name=f.str("model_name"),
+        pretrained=f.str("pretrained"),
+        checkpoint_sha256=f.optional_sha256("checkpoint_sha256"),
+        open_clip_version=f.str("open_clip_version", 100),
+        exporter_version=f.str("exporter_version", 100),
+        torch_version=f.str("torch_version", 100),
+        opset=f.int("opset", 1, 1000),
+        image_size=image_size,
+        patch_size=patch_size,
+        grid_size=grid_size,
+        num_layers=num_layers,
+        layers=layers,
+        width=width,
+        heads=heads,
+        embed_dim=f.int("embed_dim", 1, 1 << 20),
+        logit_scale=f.number("logit_scale", positive=True),
+        activation=f.str("activation", choices=ACTIVATIONS),
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        files=files,
+        extra=f.object("extra", 1000) if f.has("extra") else {},
+        vocabulary=None if vocabulary is None else Vocabulary.from_dict(vocabulary),
+        schema_version=version,
+    )
 
 
 # ---------------------------------------------------------------- folder helpers
@@ -256,36 +385,142 @@ class ModelMetadata:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def read_metadata(folder: str | Path) -> ModelMetadata:
-    """Read and validate `legrad.json` of an exported model folder."""
+    """Read and validate `legrad.json` of an exported model folder (a regular file inside it)."""
     folder = Path(folder)
-    path = folder / METADATA_FILE
-    if not folder.is_dir():
-        raise ModelFolderError(f"model folder {folder} does not exist; export one with legrad-export")
-    if not path.is_file():
-        raise ModelFolderError(f"{path} is missing; {folder} is not an exported legrad model folder")
+    if not os.fspath(folder) or not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder {printable(folder)} does not exist; export one with legrad-export"
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
-    return ModelMetadata.from_dict(data, source=str(path))
+        path = inside(folder, METADATA_FILE)
+        data = json.loads(read_regular(path, MAX_METADATA_BYTES).decode("utf-8"))
+    except UnreadableFile as exc:
+        if "does not exist" in exc.reason:
+            raise ModelFolderError(
+                f"{folder / METADATA_FILE} is missing; {folder} is not an exported legrad model folder"
+            ) from None
+        raise ModelFolderError(f"{folder / METADATA_FILE} {exc.reason}; re-export the model") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, deep nesting, a symlink leaving
+        raise ModelFolderError(
+            f"{folder / METADATA_FILE} is not valid JSON ({exc}); re-export the model"
+        ) from None
+    return ModelMetadata.from_dict(data, source=str(folder / METADATA_FILE))
+
+
+def required_files(meta: ModelMetadata) -> list[str]:
+    """The files the runtime opens: both graphs and the tokenizer's files."""
+    return [IMAGE_GRAPH.filename, TEXT_GRAPH.filename, *meta.tokenizer.files]
+
+
+def check_layout(folder: str | Path, meta: ModelMetadata, complete: bool = True) -> None:
+    """Refuse file paths that leave the folder; with `complete`, also a `files` list that misses a
+    file the runtime opens, or a folder holding files the list does not name (ONNX external data
+    could point at them). Touches nothing outside the folder; hashes nothing."""
+    folder = Path(folder)
+    problems = []
+    for rel in dict.fromkeys([*meta.files, *required_files(meta)]):
+        try:
+            inside(folder, rel)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if complete:
+        problems += [
+            f"{rel} is not checksummed in 'files'" for rel in required_files(meta) if rel not in meta.files
+        ]
+        problems += [f"{rel} is not listed in 'files'" for rel in _unlisted(folder, meta)]
+    if problems:
+        raise ModelFolderError(
+            f"model folder {folder}: "
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + "; refused: re-export the model (or pass verify=False / --no-verify for a folder you trust)"
+        )
+
+
+def _unlisted(folder: Path, meta: ModelMetadata) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(folder):  # never follows symlinked folders
+        dirs.sort()
+        for name in sorted(names):
+            rel = (Path(root) / name).relative_to(folder).as_posix()
+            if rel != METADATA_FILE and rel not in meta.files:
+                found.append(rel)
+            if len(found) > MAX_FILES:
+                return found
+    return found
+
+
+def _check_entry(folder: Path, entry: FileEntry, data: bytes | None = None) -> str | None:
+    """None if the file matches its entry, else the problem in words."""
+    path = inside(folder, entry.path)
+    try:
+        if data is None:
+            with open_regular(path) as fh:
+                size = os.fstat(fh.fileno()).st_size
+            if size != entry.size_bytes:
+                return f"{entry.path} was altered (size {size:,} bytes, not {entry.size_bytes:,})"
+            digest = sha256_file(path)
+        else:
+            if len(data) != entry.size_bytes:
+                return f"{entry.path} was altered (size differs from {METADATA_FILE})"
+            digest = hashlib.sha256(data).hexdigest()
+    except UnreadableFile as exc:
+        return f"{entry.path} {'is missing' if 'does not exist' in exc.reason else exc.reason}"
+    if digest != entry.sha256:
+        return f"{entry.path} was altered (sha256 differs from {METADATA_FILE})"
+    return None
 
 
 def verify_files(folder: str | Path, meta: ModelMetadata) -> None:
-    """Check every listed file exists with its recorded size and sha256; list all problems at once."""
+    """Check the layout (see `check_layout`) and every listed file's size and sha256; list all problems."""
     folder = Path(folder)
-    problems = []
-    for role, entry in meta.files.items():
-        path = folder / entry.path
-        if not path.is_file():
-            problems.append(f"{entry.path} ({role}) is missing")
-        elif path.stat().st_size != entry.size_bytes or sha256_file(path) != entry.sha256:
-            problems.append(f"{entry.path} ({role}) was altered (sha256 differs from {METADATA_FILE})")
+    check_layout(folder, meta)
+    problems = [p for entry in meta.files.values() if (p := _check_entry(folder, entry)) is not None]
     if problems:
         raise ModelFolderError(f"model folder {folder}: " + "; ".join(problems) + "; re-export the model")
+
+
+class ModelFolder:
+    """An exported folder opened for reading: every file it hands out is inside it and, with
+    `verify`, matches its checksum. Files are read once, and the bytes checked are the bytes used."""
+
+    def __init__(self, folder: str | Path, verify: bool = True):
+        self.path = Path(folder)
+        self.metadata = read_metadata(self.path)
+        self.verify = verify
+        check_layout(self.path, self.metadata, complete=verify)
+
+    def read_bytes(self, rel: str, max_bytes: int = 1 << 31) -> bytes:
+        """The bytes of one file of the folder, checked against `files` when verifying."""
+        entry = self.metadata.files.get(rel)
+        try:
+            limit = entry.size_bytes if self.verify and entry is not None else max_bytes
+            data = read_regular(inside(self.path, rel), limit)
+        except UnreadableFile as exc:
+            reason = "is missing" if "does not exist" in exc.reason else exc.reason
+            if self.verify and "allowed" in exc.reason:
+                reason = f"was altered (larger than {METADATA_FILE} says)"
+            raise ModelFolderError(f"model folder {self.path}: {rel} {reason}; re-export the model") from None
+        if self.verify and entry is not None:
+            problem = _check_entry(self.path, entry, data)
+            if problem:
+                raise ModelFolderError(f"model folder {self.path}: {problem}; re-export the model")
+        return data
+
+    def verify_others(self, read: Sequence[str]) -> None:
+        """Check the listed files not handed out by `read_bytes` (such as ONNX external data)."""
+        if not self.verify:
+            return
+        rest = [e for rel, e in self.metadata.files.items() if rel not in read]
+        problems = [p for entry in rest if (p := _check_entry(self.path, entry)) is not None]
+        if problems:
+            raise ModelFolderError(
+                f"model folder {self.path}: " + "; ".join(problems) + "; re-export the model"
+            )

@@ -12,8 +12,11 @@ mangle; see its docstring for the two deliberate deviations (EXIF orientation, 1
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +24,18 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageInputError, InputError
+from .files import UnreadableFile, open_regular
 from .metadata import PreprocessCfg
 
-__all__ = ["Placement", "load_image", "preprocess", "preprocess_batch", "to_original"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "Placement",
+    "open_image_file",
+    "load_image",
+    "preprocess",
+    "preprocess_batch",
+    "to_original",
+]
 
 # open_clip resizes these in their own mode and then converts to RGB; `preprocess` does the same
 NATIVE_MODES = ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK")
@@ -45,40 +57,105 @@ class Placement:
     box: tuple[float, float, float, float]
 
 
-def load_image(source: str | Path | Image.Image | np.ndarray, name: str | None = None) -> Image.Image:
+DEFAULT_MAX_PIXELS = 64_000_000  # decoded pixels an image may have (64 MP: a 9248x6936 photo fits)
+_DRAFT_SCALES = (2, 4, 8)  # the DCT scalings a JPEG decoder offers
+# what PIL raises on bad data; MemoryError too: a small file can still declare a costly decode
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError)
+
+
+@contextlib.contextmanager
+def open_image_file(
+    path: str | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Image.Image]:
+    """`with open_image_file(...) as img`: the image opened lazily (header only), file closed after.
+
+    Refuses non-files (FIFOs, devices, folders) and images over `max_pixels`. A JPEG over the limit
+    is set to decode at 1/2, 1/4 or 1/8 scale (PIL's `draft`, the DCT scaling of libjpeg), the least
+    reduction that fits; any other format over the limit is refused before a pixel is decoded.
+    PIL's own DecompressionBombWarning is never shown: this is the limit.
+    """
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise InputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+    try:
+        fh = open_regular(path)
+    except UnreadableFile as exc:
+        hint = "check the path" if "exist" in exc.reason else "pass an image file"
+        raise ImageInputError(f"{name} {exc.reason}; {hint}", source=name) from None
+    with fh:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fh)
+        except UnidentifiedImageError:
+            msg = f"{name} is not an image PIL can read; pass a JPEG, PNG, WebP, BMP or TIFF file"
+            raise ImageInputError(msg, source=name) from None
+        except Image.DecompressionBombError:
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            msg = f"{name} declares more than {limit / 1e6:.0f} MP, too many pixels to decode safely"
+            raise ImageInputError(msg, source=name) from None
+        except _DECODE_ERRORS as exc:
+            raise _corrupt(name, exc) from None
+        with img:
+            _fit_pixel_limit(img, name, max_pixels)
+            yield img
+
+
+def _corrupt(name: str, exc: BaseException) -> ImageInputError:
+    return ImageInputError(
+        f"{name} is corrupt or truncated ({exc}); re-save or re-download the image", source=name
+    )
+
+
+def _fit_pixel_limit(img: Image.Image, name: str, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height <= max_pixels:
+        return
+    if img.format == "JPEG":
+        for k in _DRAFT_SCALES:
+            if math.ceil(width / k) * math.ceil(height / k) <= max_pixels:
+                img.draft(img.mode, (math.ceil(width / k), math.ceil(height / k)))
+                if img.size[0] * img.size[1] <= max_pixels:
+                    return
+                break
+    raise ImageInputError(
+        f"{name} has {width}x{height} = {width * height / 1e6:.1f} MP, over the limit of "
+        f"{max_pixels / 1e6:.1f} MP; shrink the image or raise the limit (max_pixels=, --max-pixels)",
+        source=name,
+    )
+
+
+def load_image(
+    source: str | Path | Image.Image | np.ndarray,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
     """Decode `source` (a path, a PIL image, or a uint8 array (H, W), (H, W, 3), (H, W, 4)).
 
     Returns a fully decoded image, upright per its EXIF orientation (open_clip ignores EXIF). Modes
     open_clip handles itself are kept (RGB, RGBA, L, LA, P, 1, CMYK) so that `preprocess` matches it;
     call `.convert('RGB')` for display (it drops alpha, it does not composite). 16-bit and 32-bit
     integer grayscale are scaled to 8 bit (v / 257, rounded) instead of PIL's clipping to 255; other
-    modes are converted to RGB. Every unusable image raises `ImageInputError` naming `name` (and the
-    path, for files).
+    modes are converted to RGB. Files over `max_pixels` are refused before decoding, except JPEGs,
+    which are decoded at the least DCT reduction (1/2, 1/4, 1/8) that fits: the "original" of such
+    an image is then the reduced one. Every unusable image raises `ImageInputError` naming `name`
+    (and the path, for files).
     """
     if isinstance(source, (str, Path)):
-        name = f"{name} ({source})" if name else str(source)
-        path = Path(source)
-        if not path.exists():
-            raise ImageInputError(f"image file {name} does not exist; check the path", source=name)
-        if path.is_dir():
-            raise ImageInputError(f"{name} is a directory, not an image file; pass a file", source=name)
-        try:
-            with Image.open(path) as opened:
+        name = f"{name} ({source})" if name else (str(source) or "''")
+        with open_image_file(source, name, max_pixels) as opened:
+            try:
                 img = _decode(opened)
-        except UnidentifiedImageError as exc:
-            msg = f"{name} is not an image PIL can read; pass a JPEG, PNG, WebP, BMP or TIFF file"
-            raise ImageInputError(msg, source=name) from exc
-        except Image.DecompressionBombError as exc:
-            raise ImageInputError(f"{name} is too large to decode safely ({exc})", source=name) from exc
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            msg = f"{name} is corrupt or truncated ({exc}); re-save or re-download the image"
-            raise ImageInputError(msg, source=name) from exc
+            except _DECODE_ERRORS as exc:
+                raise _corrupt(name, exc) from None
     elif isinstance(source, Image.Image):
         name = name or "in-memory image"
+        if source.width * source.height > max_pixels:
+            msg = f"{name} has {source.width}x{source.height} pixels, over the limit of {max_pixels:,}"
+            raise ImageInputError(msg, source=name)
         try:
             img = _decode(source)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageInputError(f"{name} cannot be decoded ({exc})", source=name) from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageInputError(f"{name} cannot be decoded ({exc})", source=name) from None
     elif isinstance(source, np.ndarray):
         name = name or "in-memory array"
         img = _from_array(source, name)
@@ -91,8 +168,17 @@ def load_image(source: str | Path | Image.Image | np.ndarray, name: str | None =
     return _normalise_mode(img, name)
 
 
+class _TruncatedRead(OSError):
+    """PIL's TIFF reader only warns when a file ends early; a partial image is no image."""
+
+
 def _decode(img: Image.Image) -> Image.Image:
-    img.load()  # force decoding here, so corrupt data fails now and not inside preprocess
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Truncated File Read", category=UserWarning)
+        try:
+            img.load()  # force decoding here, so corrupt data fails now and not inside preprocess
+        except UserWarning as exc:
+            raise _TruncatedRead(str(exc)) from None
     return ImageOps.exif_transpose(img)  # a copy, independent of the file
 
 
@@ -141,6 +227,11 @@ def _resize_and_crop(img: Image.Image, cfg: PreprocessCfg) -> tuple[Image.Image,
         img = img.crop((left, top, left + s, top + s))
     sx, sy = w / new_w, h / new_h
     return img, Placement(w, h, (left * sx, top * sy, (left + s) * sx, (top + s) * sy))
+
+
+def model_view(image: Image.Image, cfg: PreprocessCfg) -> Image.Image:
+    """The S×S picture the model sees: `image` resized (and centre-cropped) as `preprocess` does."""
+    return _resize_and_crop(image, cfg)[0]
 
 
 def preprocess(image: Image.Image, cfg: PreprocessCfg) -> tuple[np.ndarray, Placement]:

@@ -13,6 +13,7 @@ batch for streams too large to hold. One loaded model may be shared by many thre
 from __future__ import annotations
 
 import logging
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,17 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .errors import DeviceFallbackWarning, ImageInputError, InputError, PromptError
-from .metadata import IMAGE_GRAPH, TEXT_GRAPH, ModelMetadata, read_metadata, verify_files
-from .preprocess import Placement, load_image, preprocess, to_original
+from .errors import DeviceFallbackWarning, ImageInputError, InputError, ModelFolderError, PromptError
+from .metadata import (
+    IMAGE_GRAPH,
+    METADATA_FILE,
+    TEXT_GRAPH,
+    GraphSpec,
+    ModelFolder,
+    ModelMetadata,
+    PreprocessCfg,
+)
+from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
 from .tokenizer import Tokenizer
 from .visualize import grid, layer_figure, overlay
 
@@ -36,6 +45,7 @@ log = logging.getLogger("legrad_runtime")
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of graph intermediates per onnxruntime call
 PROMPT_LOOP_KEY = "prompt_loop"  # metadata.extra flag: the image graph scans over prompts inside
 DEVICES = ("auto", "cpu", "cuda")
+MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; longer text only costs cleaning time
 ImageSource = str | Path | Image.Image | np.ndarray
 
 
@@ -63,6 +73,7 @@ class Explanation:
     layers: tuple[int, ...]
     logit_scale: float
     failures: list[ImageFailure]
+    preprocess: PreprocessCfg  # how the images became the model's input
 
     @property
     def similarities(self) -> np.ndarray:
@@ -85,8 +96,9 @@ class Explanation:
         return overlay(self.images[b], self.heatmap_on_original(b, p), cmap=cmap, alpha=alpha)
 
     def layer_figure(self, b: int, p: int, cmap: str = "jet") -> Image.Image:
-        """One panel per explained layer (the paper's layer-importance figure), on the model input."""
-        square = self.images[b].resize(self.heatmaps.shape[-2:][::-1], Image.BICUBIC)
+        """One panel per explained layer (the paper's layer-importance figure), on the model input:
+        the picture the model saw (centre-cropped for 'shortest'), under maps of that same square."""
+        square = model_view(self.images[b], self.preprocess)
         return layer_figure(square, self.layer_maps[b, p], self.layers, self.prompts[p], cmap=cmap)
 
     def grid(self, cmap: str = "jet", cell: int = 224) -> Image.Image:
@@ -130,34 +142,95 @@ def _warn_fallback(reason: str) -> None:
         f"device='cuda' was asked for, but {reason}; running on CPU instead, which is much slower. "
         "Install onnxruntime-gpu (pip install legrad-onnx[gpu]) with a matching CUDA, or pass device='cpu'"
     )
-    log.warning(message)
-    warnings.warn(message, DeviceFallbackWarning, stacklevel=3)
+    warnings.warn(message, DeviceFallbackWarning, stacklevel=4)  # one warning; callers log it if they like
+
+
+_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+
+
+def _check_graph(session: ort.InferenceSession, spec: GraphSpec, meta: ModelMetadata) -> None:
+    """The graph's own input and output shapes agree with the metadata (ModelFolderError if not)."""
+    sizes = {  # symbolic axis → (metadata field, value)
+        "size": ("image_size", meta.image_size),
+        "embed_dim": ("embed_dim", meta.embed_dim),
+        "layers": ("layers", len(meta.layers)),
+        "grid": ("grid_size", meta.grid_size),
+        "context_length": ("tokenizer.context_length", meta.tokenizer.context_length),
+    }
+    found = {t.name: t for t in session.get_inputs()} | {t.name: t for t in session.get_outputs()}
+    for want in spec.inputs + spec.outputs:
+        have = found.get(want.name)
+        if have is None or have.type != _ORT_TYPES[want.dtype] or len(have.shape) != len(want.shape):
+            shown = "missing" if have is None else f"{have.type} {have.shape}"
+            raise ModelFolderError(
+                f"{spec.filename} does not have the {want.name!r} tensor a legrad graph has "
+                f"({want.dtype} {list(want.shape)}; found {shown}); re-export the model"
+            )
+        for axis, dim in zip(want.shape, have.shape):
+            if isinstance(axis, int) and dim != axis or axis in spec.dynamic_axes and isinstance(dim, int):
+                raise ModelFolderError(
+                    f"{spec.filename} tensor {want.name!r} has shape {have.shape}, not {list(want.shape)}; "
+                    "re-export the model"
+                )
+            if isinstance(axis, str) and axis in sizes and dim != sizes[axis][1]:
+                name, value = sizes[axis]
+                raise ModelFolderError(
+                    f"{METADATA_FILE} field {name!r} = {value} disagrees with {spec.filename}, whose "
+                    f"{want.name!r} has shape {have.shape}; re-export the model"
+                )
 
 
 class LeGradModel:
     """An exported LeGrad model: image graph, text graph and tokenizer, ready for many threads."""
 
     def __init__(
-        self, folder: str | Path, device: str = "auto", verify: bool = True, threads: int | None = None
+        self,
+        folder: str | Path,
+        device: str = "auto",
+        verify: bool = True,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        self.folder = Path(folder)
-        self.metadata: ModelMetadata = read_metadata(self.folder)
-        if verify:
-            verify_files(self.folder, self.metadata)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise InputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+        self.max_pixels = max_pixels
+        files = ModelFolder(folder, verify=verify)
+        self.folder = files.path
+        self.metadata: ModelMetadata = files.metadata
         providers = _providers(device)
-        if device == "cuda" and providers[0] != "CUDAExecutionProvider":
-            _warn_fallback(f"this onnxruntime offers only {', '.join(ort.get_available_providers())}")
         options = session_options(threads)
-        self._image = ort.InferenceSession(
-            str(self.folder / IMAGE_GRAPH.filename), options, providers=providers
-        )
-        self._text = ort.InferenceSession(
-            str(self.folder / TEXT_GRAPH.filename), options, providers=providers
-        )
+        # external data named inside a graph given as bytes resolves in the folder, never in the cwd
+        options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(self.folder))
+        self._image = self._session(files, IMAGE_GRAPH, options, providers)
+        self._text = self._session(files, TEXT_GRAPH, options, providers)
+        self.tokenizer = Tokenizer.from_folder(self.folder, self.metadata.tokenizer, read=files.read_bytes)
+        files.verify_others(read=[IMAGE_GRAPH.filename, TEXT_GRAPH.filename, *self.metadata.tokenizer.files])
         self.device = "cuda" if self._image.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        if device == "cuda" and self.device == "cpu" and providers[0] == "CUDAExecutionProvider":
-            _warn_fallback("the CUDA provider failed to start (missing CUDA / cuDNN libraries?)")
-        self.tokenizer = Tokenizer.from_folder(self.folder, self.metadata.tokenizer)
+        if device == "cuda" and self.device == "cpu":
+            if providers[0] == "CUDAExecutionProvider":
+                _warn_fallback("the CUDA provider failed to start (missing CUDA / cuDNN libraries?)")
+            else:
+                _warn_fallback(f"this onnxruntime offers only {', '.join(ort.get_available_providers())}")
+
+    def _session(
+        self, files: ModelFolder, spec: GraphSpec, options: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession:
+        """One graph's session from the checked bytes; by path only when it has external weights
+        (listed, hence checksummed; onnxruntime keeps their paths inside the folder)."""
+        if f"{spec.filename}.data" in self.metadata.files:
+            model: str | bytes = str(self.folder / spec.filename)
+        else:
+            model = files.read_bytes(spec.filename)
+        try:
+            session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # onnxruntime's own exception types are not importable by a stable name
+            raise ModelFolderError(
+                f"{spec.filename} in {self.folder} is not a graph onnxruntime can load "
+                f"({type(exc).__name__}: {str(exc)[:300]}); re-export the model"
+            ) from None
+        _check_graph(session, spec, self.metadata)
+        return session
 
     def __repr__(self) -> str:
         m = self.metadata
@@ -178,7 +251,11 @@ class LeGradModel:
         return np.concatenate(chunks).astype(np.float32)
 
     def _text_embeds(self, prompts, text_embeds) -> tuple[np.ndarray, list[str]]:
-        if (prompts is None) == (text_embeds is None):
+        if prompts is None and text_embeds is None:
+            raise PromptError(
+                "no prompts given; pass prompts (texts, e.g. 'a photo of a cat') or text_embeds"
+            )
+        if prompts is not None and text_embeds is not None:
             raise PromptError("pass either prompts (texts) or text_embeds (precomputed embeddings), not both")
         if prompts is not None:
             names = _check_prompts(prompts)
@@ -270,7 +347,7 @@ class LeGradModel:
             is_path = isinstance(source, (str, Path))
             label = str(source) if is_path else f"image #{index}"
             try:
-                image = load_image(source, name=None if is_path else label)
+                image = load_image(source, name=None if is_path else label, max_pixels=self.max_pixels)
                 x, placement = preprocess(image, cfg)
             except ImageInputError as exc:
                 if on_error == "raise":
@@ -291,6 +368,11 @@ class LeGradModel:
             heat = np.concatenate([r[0] for r in runs], 1)
             layer_maps = np.concatenate([r[1] for r in runs], 1)
             embeds = runs[0][2]
+            if not (np.isfinite(heat).all() and np.isfinite(layer_maps).all() and np.isfinite(embeds).all()):
+                raise ModelFolderError(
+                    f"the image graph of {self.folder} gave NaN or infinite values for {', '.join(sources)}; "
+                    "its weights are broken: re-export the model"
+                )
         else:  # every image of this batch failed: zero rows, same shapes
             heat = np.zeros((0, len(names), m.image_size, m.image_size), np.float32)
             layer_maps = np.zeros((0, len(names), len(m.layers), m.grid_size, m.grid_size), np.float32)
@@ -306,18 +388,26 @@ class LeGradModel:
             prompts=list(names),
             layers=tuple(m.layers),
             logit_scale=m.logit_scale,
+            preprocess=m.preprocess,
             failures=failures,
         )
 
 
 def load(
-    folder: str | Path, device: str = "auto", verify: bool = True, threads: int | None = None
+    folder: str | Path,
+    device: str = "auto",
+    verify: bool = True,
+    threads: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> LeGradModel:
-    """Load an exported model folder (metadata and sha256 checked unless verify=False).
+    """Load an exported model folder: metadata validated, every file inside it and (unless
+    verify=False) matching its sha256, each graph's shapes agreeing with the metadata.
 
     `threads`: CPU cores each onnxruntime call may use (None: all physical cores).
+    `max_pixels`: the most pixels an input image may decode to (larger JPEGs are decoded at
+    a reduced scale, other formats refused before decoding).
     """
-    return LeGradModel(folder, device=device, verify=verify, threads=threads)
+    return LeGradModel(folder, device=device, verify=verify, threads=threads, max_pixels=max_pixels)
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -330,23 +420,39 @@ def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompt #{i} is {type(p).__name__}, not a string")
-        if not p.strip():
-            raise PromptError(f"prompt #{i} is empty; every prompt needs some text, e.g. 'a photo of a cat'")
+        if not "".join(ch for ch in p if unicodedata.category(ch)[0] not in "CZ"):
+            raise PromptError(
+                f"prompt #{i} is empty (or only spaces and control characters); every prompt needs some "
+                "text, e.g. 'a photo of a cat'"
+            )
+        if len(p) > MAX_PROMPT_CHARS:
+            raise PromptError(
+                f"prompt #{i} is {len(p):,} characters long; at most {MAX_PROMPT_CHARS:,} are read "
+                "(CLIP reads 77 tokens)"
+            )
     return list(prompts)
 
 
 def _check_embeddings(text_embeds: Any, embed_dim: int) -> np.ndarray:
-    emb = np.asarray(text_embeds, dtype=np.float32)
+    try:
+        emb = np.asarray(text_embeds, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PromptError(
+            f"text_embeds is not a numeric array ({exc}); pass float (P, {embed_dim})"
+        ) from None
     if emb.ndim == 1:
         emb = emb[None]
     if emb.ndim != 2 or emb.shape[1] != embed_dim:
         raise PromptError(f"text_embeds has shape {tuple(emb.shape)}; this model needs (P, {embed_dim})")
     if emb.shape[0] == 0:
         raise PromptError("text_embeds is empty; pass at least one embedding")
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    if not np.isfinite(emb).all() or (norms == 0).any():
-        raise PromptError("text_embeds has rows that are all zero or not finite; they cannot be normalised")
-    return emb / norms
+    if not np.isfinite(emb).all():
+        raise PromptError("text_embeds has NaN or infinite values; they cannot be normalised")
+    scale = np.abs(emb).max(axis=1, keepdims=True)  # scaled first, so 1e30 does not overflow the norm
+    if (scale == 0).any():
+        raise PromptError("text_embeds has rows that are all zero; they cannot be normalised")
+    emb = emb / scale
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _concat(parts: list[Explanation]) -> Explanation:
@@ -364,5 +470,6 @@ def _concat(parts: list[Explanation]) -> Explanation:
         prompts=first.prompts,
         layers=first.layers,
         logit_scale=first.logit_scale,
+        preprocess=first.preprocess,
         failures=[f for p in parts for f in p.failures],
     )

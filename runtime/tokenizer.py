@@ -12,12 +12,13 @@ Extension J) are letters to a recent `regex` but not to HF, so they may be split
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
 import string
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 
 import ftfy
 import numpy as np
@@ -25,7 +26,8 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import ModelFolderError
-from .metadata import TokenizerCfg
+from .files import UnreadableFile, inside, printable, read_regular
+from .metadata import CLEAN_MODES, TokenizerCfg
 
 __all__ = ["Tokenizer"]
 
@@ -46,6 +48,16 @@ def _whitespace_clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def _read_inside(folder: Path, relative: str) -> bytes:
+    try:
+        return read_regular(inside(folder, relative), MAX_TOKENIZER_BYTES)
+    except ValueError as exc:
+        raise ModelFolderError(f"tokenizer {exc}; re-export the model") from None
+    except UnreadableFile as exc:
+        reason = "is missing" if "does not exist" in exc.reason else exc.reason
+        raise ModelFolderError(f"tokenizer file {folder / relative} {reason}; re-export the model") from None
+
+
 def _clean_lower(text: str) -> str:
     return _whitespace_clean(_basic_clean(text)).lower()
 
@@ -60,6 +72,8 @@ def _clean_canonicalize(text: str) -> str:  # open_clip's canonicalize_text, aft
 
 
 CLEAN_FNS = {"lower": _clean_lower, "whitespace": _clean_whitespace, "canonicalize": _clean_canonicalize}
+assert tuple(CLEAN_FNS) == CLEAN_MODES  # the schema names exactly these
+MAX_TOKENIZER_BYTES = 64 * 1024**2
 
 
 class Tokenizer:
@@ -79,34 +93,54 @@ class Tokenizer:
         self.special_ids = {t: i for t, i in vocab.items() if i >= self.sot_token_id}
         specials = "|".join(re.escape(t) for t in sorted(self.special_ids, key=self.special_ids.get))
         self._split = pre_tokenizers.Split(Regex(f"(?i){specials}|{_WORDS}"), "removed", invert=True)
-        bpe = models.BPE(vocab, merges, end_of_word_suffix="</w>")
+        try:
+            bpe = models.BPE(vocab, merges, end_of_word_suffix="</w>")
+        except Exception as exc:  # tokenizers raises a bare Exception on merges outside the vocab
+            raise ModelFolderError(f"malformed tokenizer files ({exc}); re-export the model") from None
         self._bpe = HFTokenizer(bpe)
         self._bpe.pre_tokenizer = pre_tokenizers.Sequence(
             [self._split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path, cfg: TokenizerCfg) -> Tokenizer:
-        """Load the tokenizer files listed in `cfg` from an exported model folder."""
+    def from_folder(
+        cls, folder: str | Path, cfg: TokenizerCfg, read: Callable[[str], bytes] | None = None
+    ) -> Tokenizer:
+        """Load the tokenizer files listed in `cfg` from an exported model folder.
+
+        `read(relative_path) -> bytes` reads a file of the folder; the runtime passes its
+        `ModelFolder.read_bytes`, which checks each file against its checksum. By default a file is
+        read only if it lies inside `folder` and is a regular file.
+        """
         folder = Path(folder)
         if cfg.kind != "clip-bpe":
             raise ModelFolderError(
-                f"tokenizer kind {cfg.kind!r} in {folder} is not supported by the runtime yet; "
+                f"tokenizer kind {printable(cfg.kind)!r} in {folder} is not supported by the runtime yet; "
                 "only open_clip's CLIP BPE tokenizer ('clip-bpe') is"
             )
-        paths = {Path(f).name: folder / f for f in cfg.files}
-        for name in ("vocab.json", "merges.txt"):
-            if name not in paths or not paths[name].is_file():
-                raise ModelFolderError(
-                    f"tokenizer file {paths.get(name, name)} is missing; re-export the model"
-                )
+        if cfg.clean not in CLEAN_FNS:
+            raise ModelFolderError(
+                f"unsupported tokenizer clean {printable(cfg.clean)!r}; expected one of {tuple(CLEAN_FNS)}"
+            )
+        paths = {PurePosixPath(f).name: f for f in cfg.files}
+        missing = [name for name in ("vocab.json", "merges.txt") if name not in paths]
+        if missing:
+            raise ModelFolderError(
+                f"tokenizer files {', '.join(missing)} are not listed in {folder}'s metadata; "
+                "re-export the model"
+            )
+        read = read or functools.partial(_read_inside, folder)
         try:
-            vocab = json.loads(paths["vocab.json"].read_text(encoding="utf-8"))
-            lines = paths["merges.txt"].read_text(encoding="utf-8").splitlines()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFolderError(f"unreadable tokenizer file in {folder} ({exc}); re-export") from exc
+            vocab = json.loads(read(paths["vocab.json"]).decode("utf-8"))
+            lines = read(paths["merges.txt"]).decode("utf-8").splitlines()
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8
+            raise ModelFolderError(f"unreadable tokenizer file in {folder} ({exc}); re-export") from None
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+        ok_vocab = isinstance(vocab, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in vocab.items()
+        )
+        if not ok_vocab or any(len(m) != 2 for m in merges):
             raise ModelFolderError(f"malformed tokenizer files in {folder}; re-export the model")
         return cls(vocab, merges, cfg)
 

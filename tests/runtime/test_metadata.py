@@ -25,8 +25,16 @@ from legrad_runtime.metadata import (
 
 
 def _folder(tmp_path):
-    (tmp_path / "weights.onnx").write_bytes(b"\x08\x01graph")
-    entry = FileEntry("weights.onnx", sha256_file(tmp_path / "weights.onnx"), 7)
+    """A fake folder: the files a model folder lists, with made-up bytes (the schema does not parse them)."""
+    files = {}
+    for rel, data in [
+        ("legrad_image.onnx", b"\x08\x01graph"),
+        ("text.onnx", b"\x08\x01text"),
+        ("tokenizer/vocab.json", b"{}"),
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+        files[rel] = FileEntry(rel, sha256_file(tmp_path / rel), len(data))
     meta = ModelMetadata(
         model_name="ViT-B-16",
         pretrained="none",
@@ -47,7 +55,7 @@ def _folder(tmp_path):
         activation="gelu",
         preprocess=PreprocessCfg(448, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)),
         tokenizer=TokenizerCfg("clip-bpe", 77, ("tokenizer/vocab.json",)),
-        files={"weights.onnx": entry},
+        files=files,
     )
     (tmp_path / METADATA_FILE).write_text(meta.to_json())
     return meta
@@ -85,10 +93,9 @@ def test_missing_fields_and_bad_json_are_named(tmp_path):
 
 def test_altered_or_missing_files_are_reported_together(tmp_path):
     meta = _folder(tmp_path)
-    (tmp_path / "weights.onnx").write_bytes(b"\x08\x01graph!")
-    extra = FileEntry("text.onnx", "0" * 64, 3)
-    meta = ModelMetadata(**{**meta.__dict__, "files": {**meta.files, "text.onnx": extra}})
-    with pytest.raises(ModelFolderError, match="weights.onnx .* altered.*text.onnx .* missing"):
+    (tmp_path / "legrad_image.onnx").write_bytes(b"\x08\x01graph!")
+    (tmp_path / "text.onnx").unlink()
+    with pytest.raises(ModelFolderError, match="legrad_image.onnx was altered.*text.onnx is missing"):
         verify_files(tmp_path, meta)
 
 
