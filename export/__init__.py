@@ -1,8 +1,39 @@
-"""legrad_export: OpenCLIP ViT + LeGrad → one ONNX graph, and the autograd reference (torch side)."""
+"""legrad_export: OpenCLIP ViT + LeGrad → one ONNX graph, and the autograd reference (torch side).
+
+Importing the package is light: torch and open_clip load on first use of a name below, so the CLIs
+check their arguments (and answer Ctrl-C) before paying for the torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from legrad_runtime import __version__
 
-from .layers import DEFAULT_LAYERS, resolve_layers
-from .reference import LeGradOutput, legrad_reference
+__all__ = [
+    "__version__",
+    "DEFAULT_LAYERS",
+    "resolve_layers",
+    "LeGradOutput",
+    "legrad_reference",
+    "load_openclip",
+    "export_model",
+    "ExportSettings",
+]
 
-__all__ = ["__version__", "DEFAULT_LAYERS", "resolve_layers", "LeGradOutput", "legrad_reference"]
+_WHERE = {
+    "DEFAULT_LAYERS": ".layers",
+    "resolve_layers": ".layers",
+    "LeGradOutput": ".reference",
+    "legrad_reference": ".reference",
+    "load_openclip": ".load",
+    "export_model": ".onnx_export",
+    "ExportSettings": ".onnx_export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module 'legrad_export' has no attribute {name!r}")

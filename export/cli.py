@@ -3,6 +3,11 @@
     legrad-export --model ViT-B-16 --pretrained laion2b_s34b_b88k --image-size 448 --out models/
 
 Bad input ends in one line on stderr and exit code 2; progress goes to stderr, the folder to stdout.
+Exit codes as for every command of the project (legrad_runtime.cli_runner): 0, 2 bad input,
+3 internal error, 130 Ctrl-C, 143 SIGTERM (the temporary folder is removed on both).
+
+Torch and open_clip are imported only after the arguments and the output folder are checked, and
+inside the part that answers Ctrl-C with one line.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 
-from legrad_runtime.errors import LegradError
+from legrad_runtime.cli_runner import EXIT_OK, run_main
+from legrad_runtime.errors import ExportError
+from legrad_runtime.files import ensure_output_folder
 
 from .layers import DEFAULT_LAYERS
-from .onnx_export import ExportSettings, check_output_root, export_model
 
 __all__ = ["main", "build_parser"]
+
+PROG = "legrad-export"
 
 _STAGE_TEXT = {
     "load": "load the open_clip model",
@@ -92,26 +99,33 @@ class _Stages:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    console = Console(stderr=True, highlight=False)
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     if args.list_models:
         from .load import list_vit_models
 
         print("\n".join(list_vit_models()))
-        return 0
+        return EXIT_OK
     if not args.model:
-        parser.error("--model is required (e.g. --model ViT-B-16); see --list-models")
+        raise ExportError("--model is required (e.g. --model ViT-B-16); see --list-models")
+    if args.image_size is not None and args.image_size <= 0:
+        raise ExportError(f"--image-size {args.image_size} must be a positive multiple of the patch size")
+    try:
+        out = ensure_output_folder(args.out)  # before the slow part
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     for name in ("", "huggingface_hub"):  # open_clip and the hub log retries and notes; we report errors
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-    stages = _Stages(console)
+    stages = _Stages(Console(stderr=True, highlight=False))
+    ok = False
     try:
-        out = Path(args.out)
-        check_output_root(out)  # before the slow part
-        from .load import load_openclip
-
         stages("load")
+        from .load import load_openclip  # the torch import: seconds, and Ctrl-C may come here
+        from .onnx_export import ExportSettings, export_model
+
         loaded = load_openclip(args.model, args.pretrained, cache_dir=args.cache_dir)
         settings = ExportSettings(
             image_size=args.image_size,
@@ -121,17 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
         folder = export_model(loaded, out, settings, on_stage=stages)
-    except LegradError as exc:
-        stages.close(ok=False)
-        console.print(f"legrad-export: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        stages.close(ok=False)
-        console.print("legrad-export: interrupted; nothing was written")
-        return 130
-    stages.close(ok=True)
+        ok = True
+    finally:
+        stages.close(ok=ok)
     print(folder)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

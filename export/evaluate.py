@@ -13,36 +13,25 @@ Bad input ends in one line on stderr and exit code 2; the table goes to stdout.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from legrad_runtime.errors import ExportError, InputError, LegradError
 from legrad_runtime.evaluation import (
     Case,
     Evaluation,
     centre_prior,
-    format_table,
-    load_cases,
-    load_saved_heatmaps,
-    save_heatmaps,
     score_cases,
 )
-from legrad_runtime.preprocess import load_image, preprocess_batch, to_original
+from legrad_runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_original
 
 from .baselines import attention_rollout, cls_attention
 from .graphs import TextGraph, build_image_graph
-from .layers import resolve_layers
 from .legrad import upsample
-from .load import LoadedModel, default_layer_spec
+from .load import LoadedModel
 
 __all__ = ["METHODS", "build_parser", "compute_heatmaps", "evaluate_cases", "main"]
 
@@ -105,6 +94,7 @@ def compute_heatmaps(
     resize_mode: str = "squash",
     batch_size: int = 8,
     on_progress: Callable[[int, int], None] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, list[np.ndarray]]:
     """{method: one float32 map per case on its original image} for every method in METHODS.
 
@@ -131,7 +121,8 @@ def compute_heatmaps(
     for call in calls:
         paths = [path for path, _ in call]
         union = list(dict.fromkeys(p for _, ps in call for p in ps))
-        pixels, placements = preprocess_batch([load_image(path) for path in paths], cfg)
+        images = [load_image(path, max_pixels=max_pixels) for path in paths]
+        pixels, placements = preprocess_batch(images, cfg)
         pixel_values = torch.from_numpy(pixels)
         with torch.no_grad():
             heatmaps = legrad(pixel_values, text_embeds[[prompt_index[p] for p in union]])[0].numpy()
@@ -162,141 +153,14 @@ def evaluate_cases(
     resize_mode: str = "squash",
     threshold: float = 0.5,
     extra: dict[str, list[np.ndarray]] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Evaluation:
     """Compute every method's heatmaps for `cases` and score them (plus `extra` saved methods)."""
-    maps = compute_heatmaps(loaded, cases, image_size, layers, resize_mode)
-    return score_cases(cases, maps | (extra or {}), threshold)
+    maps = compute_heatmaps(loaded, cases, image_size, layers, resize_mode, max_pixels=max_pixels)
+    return score_cases(cases, maps | (extra or {}), threshold, max_pixels=max_pixels)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="legrad-evaluate",
-        description="Score LeGrad and baselines (CLS attention, rollout, centre prior) on masked cases.",
-    )
-    p.add_argument("cases_dir", help="folder with cases.csv (columns image,prompt,mask[,group])")
-    p.add_argument("--model", required=True, help="open_clip model name, local-dir:PATH, or a model folder")
-    p.add_argument("--pretrained", default="none", help="open_clip tag, a local checkpoint path, or 'none'")
-    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
-    p.add_argument(
-        "--layers",
-        default=None,
-        help="blocks LeGrad sums: -2 = last two, k = blocks k..L-1, 'all', or '8,10,11' "
-        "(default: as the exporter: the model folder's legrad_defaults.json, else -2)",
-    )
-    p.add_argument(
-        "--resize-mode",
-        choices=("squash", "shortest"),
-        default="squash",
-        help="how images are fitted to the square input (default: squash, as the exporter)",
-    )
-    p.add_argument(
-        "--heatmaps",
-        default=None,
-        metavar="NPY_DIR",
-        help="also score saved heatmaps: NPY_DIR/<i>.npy for case i (0-based row of cases.csv)",
-    )
-    p.add_argument("--threshold", type=float, default=0.5, help="IoU threshold on min-max maps (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
-    p.add_argument(
-        "--json", default=None, metavar="OUT", help="write the scores (table and per case) as JSON"
-    )
-    p.add_argument(
-        "--save-heatmaps",
-        default=None,
-        metavar="DIR",
-        help="write every method's maps on the original images as DIR/<method>/<i>.npy",
-    )
-    p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
-    return p
-
-
-def _check_options(args: argparse.Namespace) -> None:
-    if not 0 <= args.threshold <= 1:
-        raise InputError(f"--threshold {args.threshold} is outside [0, 1]")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.json is not None and not Path(args.json).expanduser().parent.is_dir():
-        raise InputError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
-
-
-def _resolve(loaded: LoadedModel, args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
-    from .onnx_export import resolve_image_size
-
-    size = resolve_image_size(loaded, args.image_size)
-    spec = default_layer_spec(loaded) if args.layers is None else args.layers
-    try:
-        return size, resolve_layers(spec, loaded.vit.num_layers)
-    except ValueError as exc:
-        raise ExportError(f"--layers: {exc}") from exc
-
-
-def _write_outputs(args: argparse.Namespace, report: dict, maps: dict[str, list[np.ndarray]]) -> None:
-    try:
-        if args.save_heatmaps is not None:
-            for method, method_maps in maps.items():
-                save_heatmaps(Path(args.save_heatmaps) / method, method_maps)
-        if args.json is not None:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot write output ({exc.strerror or exc}: {exc.filename})") from exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console(stderr=True, highlight=False)
-    for name in ("", "huggingface_hub"):  # open_clip and the hub log retries and notes; we report errors
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        _check_options(args)
-        cases = load_cases(args.cases_dir)
-        extra = {}
-        if args.heatmaps is not None:
-            extra[f"saved:{Path(args.heatmaps).resolve().name}"] = load_saved_heatmaps(
-                args.heatmaps, len(cases)
-            )
-        from .load import load_openclip
-
-        with console.status("loading the model ..."):
-            loaded = load_openclip(args.model, args.pretrained, cache_dir=args.cache_dir)
-        size, layers = _resolve(loaded, args)
-        columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("explain", total=len({c.image for c in cases}))
-            maps = compute_heatmaps(
-                loaded,
-                cases,
-                size,
-                layers,
-                args.resize_mode,
-                args.batch_size,
-                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-            )
-        maps |= extra
-        evaluation = score_cases(cases, maps, args.threshold)
-        report = {
-            "model": loaded.model_name,
-            "pretrained": loaded.pretrained,
-            "image_size": size,
-            "layers": list(layers),
-            "resize_mode": args.resize_mode,
-            "cases_dir": str(Path(args.cases_dir).resolve()),
-            "cases": [
-                {"image": str(c.image), "prompt": c.prompt, "mask": str(c.mask), "group": c.group}
-                for c in cases
-            ],
-            **evaluation.to_dict(),
-        }
-        _write_outputs(args, report, {m: maps[m] for m in METHODS})
-    except LegradError as exc:
-        console.print(f"legrad-evaluate: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        console.print("legrad-evaluate: interrupted")
-        return 130
-    header = f"{loaded.model_name} ({loaded.pretrained}), {size} px, layers {','.join(map(str, layers))}"
-    print(f"{header}, {len(cases)} cases\n{format_table(evaluation)}")
-    return 0
-
+from .evaluate_cli import build_parser, main  # noqa: E402  (the light CLI; `python -m` still works)
 
 if __name__ == "__main__":
     sys.exit(main())

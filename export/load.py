@@ -28,6 +28,7 @@ from open_clip.model import get_model_preprocess_cfg
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from safetensors import SafetensorError
 
 from legrad_runtime.errors import ExportError, UnsupportedModelError
 from legrad_runtime.metadata import PreprocessCfg, TokenizerCfg, Vocabulary, sha256_file
@@ -58,6 +59,7 @@ _CHECKPOINT_ERRORS = (
     EOFError,
     zipfile.BadZipFile,
     OSError,
+    SafetensorError,  # a .safetensors file that is not one
 )
 
 
@@ -208,6 +210,11 @@ def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str |
         raise ExportError(_suggest(model_name))
 
     force_quick_gelu = False
+    if schema is not None and pretrained.lower() not in ("", "none", "random"):
+        raise ExportError(
+            f"--pretrained {pretrained!r} cannot be used with {model_name}: a {schema} model carries its own "
+            "weights; drop --pretrained"
+        )
     if schema == "local-dir:":
         value, (label, sha) = None, _local_dir_checkpoint(model_name)
     elif schema == "hf-hub:":

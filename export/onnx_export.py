@@ -23,6 +23,7 @@ import torch
 
 from legrad_runtime import __version__
 from legrad_runtime.errors import ExportError
+from legrad_runtime.files import ensure_output_folder
 from legrad_runtime.metadata import (
     IMAGE_GRAPH,
     METADATA_FILE,
@@ -38,6 +39,7 @@ from legrad_runtime.session import PROMPT_LOOP_KEY
 from .graphs import TextGraph, build_image_graph, example_image_inputs
 from .layers import resolve_layers
 from .load import OPEN_CLIP_VERSION, LoadedModel, default_layer_spec, write_tokenizer
+from .memory import check_fits
 from .verify import VERIFY_PROMPTS, verify_export
 
 __all__ = ["ExportSettings", "export_model", "check_output_root", "model_folder_name"]
@@ -63,24 +65,26 @@ def model_folder_name(loaded: LoadedModel, image_size: int) -> str:
 def check_output_root(out_root: Path) -> None:
     """Fail early, before any slow work, if the output folder cannot be written."""
     try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_root, prefix=".legrad-probe-"):
-            pass
-    except OSError as exc:
-        raise ExportError(
-            f"cannot write to output folder {out_root} ({exc.strerror or exc}); pass a writable --out"
-        ) from exc
+        ensure_output_folder(out_root)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
-def resolve_image_size(loaded: LoadedModel, image_size: int | None) -> int:
-    size = image_size or loaded.preprocess["size"]
+def resolve_image_size(
+    loaded: LoadedModel, image_size: int | None, batch: int = 2, runs_graph: bool = True
+) -> int:
+    """The export size: the model's own when None; a positive multiple of the patch that fits in memory."""
+    size = loaded.preprocess["size"] if image_size is None else image_size
     patch = loaded.vit.patch_size
-    if size <= 0 or size % patch:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ExportError(f"image size {size!r} must be a positive multiple of the patch size {patch}")
+    if size % patch:
         lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
         raise ExportError(
             f"image size {size} is not a positive multiple of {loaded.model_name}'s patch size {patch}; "
             f"use e.g. {lower} or {upper}"
         )
+    check_fits(loaded.vit, loaded.model_name, size, batch, runs_graph)
     return size
 
 
@@ -139,7 +143,7 @@ def export_model(
     stage = on_stage or (lambda name: None)
     out_root = Path(out_root)
     check_output_root(out_root)
-    size = resolve_image_size(loaded, settings.image_size)
+    size = resolve_image_size(loaded, settings.image_size, runs_graph=settings.verify)
     try:
         spec = default_layer_spec(loaded) if settings.layers is None else settings.layers
         layers = resolve_layers(spec, loaded.vit.num_layers)

@@ -15,6 +15,7 @@ import argparse
 import csv
 import glob
 import json
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,11 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .cli_runner import EXIT_OK, EXIT_PARTIAL, run_main, say
+from .cli_runner import EXIT_OK, EXIT_PARTIAL, add_max_pixels_option, max_pixels_from, run_main, say
 from .errors import LegradError
 from .files import ensure_output_folder, printable, safe_name
 from .metadata import ModelMetadata, read_metadata
-from .preprocess import DEFAULT_MAX_PIXELS
 from .session import DEVICES, load
 from .visualize import COLORMAPS, save_png
 
@@ -65,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--cmap", choices=sorted(COLORMAPS), default="jet", help="colormap (default: jet)")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1] (default: 0.5)")
-    ex.add_argument(
-        "--max-pixels",
-        type=float,
-        default=DEFAULT_MAX_PIXELS / 1e6,
-        metavar="MP",
-        help=f"largest image to decode, in megapixels (default: {DEFAULT_MAX_PIXELS / 1e6:g}); larger "
-        "JPEGs are decoded at 1/2 to 1/8 scale, other formats skipped",
-    )
+    add_max_pixels_option(ex, "skipped")
 
     info = sub.add_parser("info", help="print a model folder's metadata")
     info.add_argument("model_dir")
@@ -112,15 +105,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be a positive integer, not {args.batch_size}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], not {args.alpha}")
-    if not 0 < args.max_pixels <= 1e4:
-        raise UsageError(f"--max-pixels must be in (0, 10000] megapixels, not {args.max_pixels:g}")
+    max_pixels_from(args)
 
 
 def _load_model(args: argparse.Namespace):
     """Load the model; a warning (CUDA asked for, CPU given) becomes one line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = load(args.model_dir, device=args.device, max_pixels=int(args.max_pixels * 1e6))
+        model = load(args.model_dir, device=args.device, max_pixels=max_pixels_from(args))
     for warning in caught:
         say(PROG, "warning", warning.message)
     return model
@@ -222,6 +214,7 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)  # its notes on bad files; each is one line of ours
     return run_main(PROG, lambda: _info(args) if args.command == "info" else _explain(args))
 
 

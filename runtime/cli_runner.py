@@ -13,14 +13,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
 
-from .errors import LegradError
+from .errors import InputError, LegradError
 from .files import printable
+from .preprocess import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "EXIT_OK",
@@ -30,6 +32,8 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_TERMINATED",
     "Terminated",
+    "add_max_pixels_option",
+    "max_pixels_from",
     "run_main",
     "say",
 ]
@@ -45,6 +49,25 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def add_max_pixels_option(parser: argparse.ArgumentParser, beyond: str) -> None:
+    """`--max-pixels MP`, the same on every command that decodes images; `beyond`: what happens above."""
+    parser.add_argument(
+        "--max-pixels",
+        type=float,
+        default=DEFAULT_MAX_PIXELS / 1e6,
+        metavar="MP",
+        help=f"largest image to decode, in megapixels (default: {DEFAULT_MAX_PIXELS / 1e6:g}); larger "
+        f"JPEGs are decoded at 1/2 to 1/8 scale, other formats {beyond}",
+    )
+
+
+def max_pixels_from(args: argparse.Namespace) -> int:
+    """The pixel limit `--max-pixels` asks for, checked: (0, 10000] megapixels."""
+    if not 0 < args.max_pixels <= 1e4:
+        raise InputError(f"--max-pixels must be in (0, 10000] megapixels, not {args.max_pixels:g}")
+    return max(1, int(args.max_pixels * 1e6))
 
 
 def say(prog: str, kind: str, message: object) -> None:

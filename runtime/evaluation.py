@@ -33,17 +33,21 @@ PIL's bilinear filter (which antialiases when shrinking).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from .errors import CaseFolderError, InputError
+from .errors import CaseFolderError, ImageInputError, InputError
+from .files import UnreadableFile, read_regular
+from .preprocess import DEFAULT_MAX_PIXELS, open_image_file
 from .visualize import min_max, resize_map
 
 __all__ = [
@@ -73,6 +77,7 @@ ALL = "all"  # the group every case belongs to
 _COLUMNS = ("image", "prompt", "mask", "group")
 _REQUIRED = ("image", "prompt", "mask")
 _TIE_TOLERANCE = 1e-6
+_MAX_CSV_BYTES = 256 * 1024**2
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -178,29 +183,30 @@ class Case:
     group: str | None = None
 
 
-def _open(path: Path, what: str, where: str | None = None) -> Image.Image:
+@contextlib.contextmanager
+def _open(path: Path, what: str, max_pixels: int, where: str | None = None) -> Iterator[Image.Image]:
+    """The image opened lazily: a regular file, under the pixel limit (see `open_image_file`)."""
     prefix = f"{where}: " if where else ""
-    if not path.is_file():
-        raise CaseFolderError(f"{prefix}{what} file {path} does not exist")
     try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CaseFolderError(f"{prefix}{what} {path} is not an image PIL can read ({exc})") from exc
+        with open_image_file(path, f"{prefix}{what} file {path}", max_pixels) as img:
+            yield img
+    except ImageInputError as exc:
+        raise CaseFolderError(str(exc)) from None
 
 
-def _upright_size(path: Path, row: str) -> tuple[int, int]:
+def _upright_size(path: Path, row: str, max_pixels: int) -> tuple[int, int]:
     """(width, height) of an image after its EXIF orientation, without decoding its pixels."""
-    with _open(path, "image", row) as img:
+    with _open(path, "image", max_pixels, row) as img:
         width, height = img.size
         if img.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
     return width, height
 
 
-def load_mask(path: str | Path) -> np.ndarray:
+def load_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """(H, W) bool: pixels where any colour channel is nonzero (alpha ignored; palettes looked up)."""
     path = Path(path)
-    with _open(path, "mask") as opened:
+    with _open(path, "mask", max_pixels) as opened:
         try:
             img = ImageOps.exif_transpose(opened)
             img.load()
@@ -220,7 +226,13 @@ def load_mask(path: str | Path) -> np.ndarray:
 
 def _read_rows(csv_path: Path) -> list[dict[str, str]]:
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        text = read_regular(csv_path, _MAX_CSV_BYTES).decode("utf-8-sig")
+    except UnreadableFile as exc:
+        raise CaseFolderError(f"{csv_path} {exc.reason}") from None
+    except UnicodeDecodeError as exc:
+        raise CaseFolderError(f"{csv_path} is not UTF-8 text ({exc})") from exc
+    try:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
             unknown = [h for h in header if h not in _COLUMNS]
@@ -232,8 +244,6 @@ def _read_rows(csv_path: Path) -> list[dict[str, str]]:
                 )
             reader.fieldnames = header
             rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    except UnicodeDecodeError as exc:
-        raise CaseFolderError(f"{csv_path} is not UTF-8 text ({exc})") from exc
     except csv.Error as exc:
         raise CaseFolderError(f"{csv_path} is not valid CSV ({exc})") from exc
     if not rows:
@@ -241,17 +251,20 @@ def _read_rows(csv_path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def load_cases(folder: str | Path, check_masks: bool = True) -> list[Case]:
+def load_cases(
+    folder: str | Path, check_masks: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Case]:
     """Read FOLDER/cases.csv (format: see the module docstring) into Cases, checking every file.
 
     With `check_masks`, each mask is decoded and must be non-empty and the size of its (upright)
-    image. Every problem raises CaseFolderError naming the CSV row (data rows count from 1).
+    image. Images and masks over `max_pixels` are refused from their headers, as by the runtime.
+    Every problem raises CaseFolderError naming the CSV row (data rows count from 1).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CaseFolderError(f"cases folder {folder} does not exist or is not a folder")
     csv_path = folder / CASES_FILE
-    if not csv_path.is_file():
+    if not csv_path.exists():
         raise CaseFolderError(
             f"{folder} has no {CASES_FILE}; write one with the header image,prompt,mask[,group]"
         )
@@ -266,9 +279,9 @@ def load_cases(folder: str | Path, check_masks: bool = True) -> list[Case]:
             raise CaseFolderError(f"{where}: group name {group!r} is reserved for all cases; pick another")
         case = Case(folder / row["image"], row["prompt"], folder / row["mask"], group)
         if case.image not in sizes:
-            sizes[case.image] = _upright_size(case.image, where)
+            sizes[case.image] = _upright_size(case.image, where, max_pixels)
         if check_masks:
-            mask = _checked_mask(case, where)
+            mask = _checked_mask(case, where, max_pixels)
             width, height = sizes[case.image]
             if mask.shape != (height, width):
                 raise CaseFolderError(
@@ -281,9 +294,9 @@ def load_cases(folder: str | Path, check_masks: bool = True) -> list[Case]:
     return cases
 
 
-def _checked_mask(case: Case, where: str) -> np.ndarray:
+def _checked_mask(case: Case, where: str, max_pixels: int) -> np.ndarray:
     try:
-        return load_mask(case.mask)
+        return load_mask(case.mask, max_pixels)
     except CaseFolderError as exc:
         raise CaseFolderError(f"{where}: {exc}") from exc
 
@@ -387,6 +400,7 @@ def score_cases(
     heatmaps: Mapping[str, Sequence[np.ndarray]],
     threshold: float = 0.5,
     masks: Sequence[np.ndarray] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Evaluation:
     """Score each method's heatmaps (one per case, in order) against the cases' masks.
 
@@ -409,7 +423,7 @@ def score_cases(
     per_case: dict[str, list[CaseScore | None]] = {m: [None] * len(cases) for m in heatmaps}
     for members in by_image.values():  # one image's masks at a time: their union is its objects
         image_masks = {
-            i: np.asarray(masks[i], dtype=bool) if masks is not None else load_mask(cases[i].mask)
+            i: np.asarray(masks[i], dtype=bool) if masks is not None else load_mask(cases[i].mask, max_pixels)
             for i in members
         }
         shapes = {m.shape for m in image_masks.values()}

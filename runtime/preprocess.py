@@ -81,11 +81,9 @@ def open_image_file(
     except UnreadableFile as exc:
         hint = "check the path" if "exist" in exc.reason else "pass an image file"
         raise ImageInputError(f"{name} {exc.reason}; {hint}", source=name) from None
-    with fh:
+    with fh, _reading(name):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(fh)
+            img = Image.open(fh)
         except UnidentifiedImageError:
             msg = f"{name} is not an image PIL can read; pass a JPEG, PNG, WebP, BMP or TIFF file"
             raise ImageInputError(msg, source=name) from None
@@ -98,6 +96,24 @@ def open_image_file(
         with img:
             _fit_pixel_limit(img, name, max_pixels)
             yield img
+
+
+@contextlib.contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """PIL's warnings while it reads an untrusted image never reach the user as they are.
+
+    A truncated read (PIL's TIFF reader only warns) is corruption: ImageInputError. Other notes on
+    damaged metadata are dropped, as PIL recovers from them (a bad EXIF tag is skipped, so the image
+    stays as stored). DecompressionBombWarning gives way to our own pixel limit.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("error", message="Truncated File Read", category=UserWarning)
+        try:
+            yield
+        except UserWarning as exc:
+            raise _corrupt(name, exc) from None
 
 
 def _corrupt(name: str, exc: BaseException) -> ImageInputError:
@@ -153,7 +169,8 @@ def load_image(
             msg = f"{name} has {source.width}x{source.height} pixels, over the limit of {max_pixels:,}"
             raise ImageInputError(msg, source=name)
         try:
-            img = _decode(source)
+            with _reading(name):
+                img = _decode(source)
         except _DECODE_ERRORS as exc:
             raise ImageInputError(f"{name} cannot be decoded ({exc})", source=name) from None
     elif isinstance(source, np.ndarray):
@@ -168,17 +185,8 @@ def load_image(
     return _normalise_mode(img, name)
 
 
-class _TruncatedRead(OSError):
-    """PIL's TIFF reader only warns when a file ends early; a partial image is no image."""
-
-
 def _decode(img: Image.Image) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="Truncated File Read", category=UserWarning)
-        try:
-            img.load()  # force decoding here, so corrupt data fails now and not inside preprocess
-        except UserWarning as exc:
-            raise _TruncatedRead(str(exc)) from None
+    img.load()  # force decoding here, so corrupt data fails now and not inside preprocess
     return ImageOps.exif_transpose(img)  # a copy, independent of the file
 
 

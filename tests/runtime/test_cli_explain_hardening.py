@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import copy_folder, edit_metadata, listing, png_bomb
 from PIL import Image
 
 import legrad_runtime.cli as cli
+from hostile import copy_folder, edit_metadata, listing, png_bomb, read_only_folder
 from legrad_runtime.cli import main
 
 
@@ -124,19 +124,11 @@ def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, photo, capsys,
 
 
 def test_a_read_only_out_fails_before_the_model_loads(tmp_path, photo, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    try:
+    with read_only_folder(tmp_path / "ro") as ro:
         line = _one_error(
             capsys, "explain", str(tmp_path / "no-model"), str(photo), "-p", "x", "--out", str(ro / "o")
         )
-        assert "read-only file system" in line
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
+    assert "read-only file system" in line
 
 
 def test_an_image_named_like_an_output_file_does_not_crash_the_run(model_folder, tmp_path, capsys):

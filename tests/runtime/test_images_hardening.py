@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import warnings
 
 import numpy as np
 import pytest
-from hostile import jpeg_declaring, png_bomb
 from PIL import Image
 
+from hostile import jpeg_declaring, png_bomb
 from legrad_runtime.errors import ImageInputError
 from legrad_runtime.metadata import PreprocessCfg
 from legrad_runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess
@@ -27,6 +28,33 @@ def test_a_declared_huge_png_is_refused_before_decoding_without_pil_warnings(tmp
         with pytest.raises(ImageInputError, match=r"10000x10000 = 100.0 MP, over the limit of 64.0 MP"):
             load_image(bomb)
     assert caught == []
+
+
+def _tiff_with_exif_orientation() -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.arange(16 * 8 * 3, dtype=np.uint8).reshape(16, 8, 3))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated: the reader must get the tag to turn the image upright
+    image.save(buffer, format="TIFF", exif=exif)
+    return buffer.getvalue()
+
+
+def test_every_truncation_of_a_tiff_is_an_image_or_a_typed_error_never_a_pil_warning(tmp_path):
+    data, path = _tiff_with_exif_orientation(), tmp_path / "cut.tif"
+    path.write_bytes(data)
+    assert load_image(path).size == (16, 8)  # whole: upright per its EXIF
+    outcomes = set()
+    for cut in range(1, len(data)):
+        path.write_bytes(data[:cut])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                load_image(path)
+                outcomes.add("image")
+            except ImageInputError as exc:
+                outcomes.add("corrupt" if "corrupt or truncated" in str(exc) else "unreadable")
+        assert [str(w.message) for w in caught] == [], cut
+    assert {"corrupt", "unreadable"} <= outcomes  # PIL warned "Truncated File Read" for some cuts
 
 
 def test_the_pixel_limit_is_a_parameter(tmp_path):

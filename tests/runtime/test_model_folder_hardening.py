@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import copy_folder, edit_metadata
 from PIL import Image
 
+from hostile import copy_folder, edit_metadata
 from legrad_runtime import ModelFolderError, SchemaVersionError, load
 from legrad_runtime.metadata import METADATA_FILE, read_metadata, verify_files
 

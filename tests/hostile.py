@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
 import struct
+import subprocess
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from legrad_runtime.metadata import METADATA_FILE
@@ -56,3 +60,16 @@ def edit_metadata(folder: Path, edit) -> None:
 def listing(root: Path) -> list[str]:
     """Every path under `root`, relative, sorted: compared before and after to catch stray writes."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path) -> Iterator[Path]:
+    """`path` as a read-only tmpfs mount for the block (the test is skipped where mount is refused)."""
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -1,0 +1,182 @@
+"""`legrad-evaluate`'s command line: arguments and output paths checked before torch is imported.
+
+    legrad-evaluate CASES_DIR --model local-dir:models/shapes --layers -2 --json scores.json
+
+The work itself is `legrad_export.evaluate` (torch). Exit codes as for every command of the project
+(legrad_runtime.cli_runner): 0, 2 bad input (one line on stderr), 3 internal error, 130, 143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from legrad_runtime.cli_runner import EXIT_OK, add_max_pixels_option, max_pixels_from, run_main
+from legrad_runtime.errors import ExportError, InputError
+from legrad_runtime.evaluation import (
+    format_table,
+    load_cases,
+    load_saved_heatmaps,
+    save_heatmaps,
+    score_cases,
+)
+from legrad_runtime.files import ensure_output_folder
+
+__all__ = ["build_parser", "main"]
+
+PROG = "legrad-evaluate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="legrad-evaluate",
+        description="Score LeGrad and baselines (CLS attention, rollout, centre prior) on masked cases.",
+    )
+    p.add_argument("cases_dir", help="folder with cases.csv (columns image,prompt,mask[,group])")
+    p.add_argument("--model", required=True, help="open_clip model name, local-dir:PATH, or a model folder")
+    p.add_argument("--pretrained", default="none", help="open_clip tag, a local checkpoint path, or 'none'")
+    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="blocks LeGrad sums: -2 = last two, k = blocks k..L-1, 'all', or '8,10,11' "
+        "(default: as the exporter: the model folder's legrad_defaults.json, else -2)",
+    )
+    p.add_argument(
+        "--resize-mode",
+        choices=("squash", "shortest"),
+        default="squash",
+        help="how images are fitted to the square input (default: squash, as the exporter)",
+    )
+    p.add_argument(
+        "--heatmaps",
+        default=None,
+        metavar="NPY_DIR",
+        help="also score saved heatmaps: NPY_DIR/<i>.npy for case i (0-based row of cases.csv)",
+    )
+    p.add_argument("--threshold", type=float, default=0.5, help="IoU threshold on min-max maps (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
+    p.add_argument(
+        "--json", default=None, metavar="OUT", help="write the scores (table and per case) as JSON"
+    )
+    p.add_argument(
+        "--save-heatmaps",
+        default=None,
+        metavar="DIR",
+        help="write every method's maps on the original images as DIR/<method>/<i>.npy",
+    )
+    add_max_pixels_option(p, "refused")
+    p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
+    return p
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Everything that can be checked without the model: values, and that outputs can be written."""
+    if not 0 <= args.threshold <= 1:
+        raise InputError(f"--threshold {args.threshold} is outside [0, 1]")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.image_size is not None and args.image_size <= 0:
+        raise InputError(f"--image-size {args.image_size} must be a positive multiple of the patch size")
+    try:
+        if args.json is not None:
+            target = Path(args.json).expanduser()
+            if target.is_dir():
+                raise InputError(f"--json {args.json} is a folder; pass a file name such as scores.json")
+            if not target.parent.is_dir():
+                raise InputError(f"--json {args.json}: folder {target.parent} does not exist")
+            ensure_output_folder(target.parent)  # exists: only proves it writable
+        if args.save_heatmaps is not None:
+            ensure_output_folder(Path(args.save_heatmaps).expanduser())
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _resolve(loaded: Any, args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
+    from .layers import resolve_layers
+    from .load import default_layer_spec
+    from .onnx_export import resolve_image_size
+
+    size = resolve_image_size(loaded, args.image_size, batch=args.batch_size)
+    spec = default_layer_spec(loaded) if args.layers is None else args.layers
+    try:
+        return size, resolve_layers(spec, loaded.vit.num_layers)
+    except ValueError as exc:
+        raise ExportError(f"--layers: {exc}") from exc
+
+
+def _write_outputs(args: argparse.Namespace, report: dict, maps: dict[str, list[Any]]) -> None:
+    try:
+        if args.save_heatmaps is not None:
+            for method, method_maps in maps.items():
+                save_heatmaps(Path(args.save_heatmaps) / method, method_maps)
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write output ({exc.strerror or exc}: {exc.filename})") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    console = Console(stderr=True, highlight=False)
+    for name in ("", "huggingface_hub"):  # open_clip and the hub log retries and notes; we report errors
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    _check_options(args)
+    max_pixels = max_pixels_from(args)
+    cases = load_cases(args.cases_dir, max_pixels=max_pixels)
+    extra = {}
+    if args.heatmaps is not None:
+        extra[f"saved:{Path(args.heatmaps).resolve().name}"] = load_saved_heatmaps(args.heatmaps, len(cases))
+    with console.status("loading the model ..."):
+        from .evaluate import METHODS, compute_heatmaps  # the torch import: Ctrl-C may come here
+        from .load import load_openclip
+
+        loaded = load_openclip(args.model, args.pretrained, cache_dir=args.cache_dir)
+    size, layers = _resolve(loaded, args)
+    columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("explain", total=len({c.image for c in cases}))
+        maps = compute_heatmaps(
+            loaded,
+            cases,
+            size,
+            layers,
+            args.resize_mode,
+            args.batch_size,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            max_pixels=max_pixels,
+        )
+    maps |= extra
+    evaluation = score_cases(cases, maps, args.threshold, max_pixels=max_pixels)
+    report = {
+        "model": loaded.model_name,
+        "pretrained": loaded.pretrained,
+        "image_size": size,
+        "layers": list(layers),
+        "resize_mode": args.resize_mode,
+        "cases_dir": str(Path(args.cases_dir).resolve()),
+        "cases": [
+            {"image": str(c.image), "prompt": c.prompt, "mask": str(c.mask), "group": c.group} for c in cases
+        ],
+        **evaluation.to_dict(),
+    }
+    _write_outputs(args, report, {m: maps[m] for m in METHODS})
+    header = f"{loaded.model_name} ({loaded.pretrained}), {size} px, layers {','.join(map(str, layers))}"
+    print(f"{header}, {len(cases)} cases\n{format_table(evaluation)}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Will an export (or an evaluation) at this image size fit in this machine's memory?
+
+Refused up front with the estimate, instead of a 60 GB allocation minutes in. Counted in float32:
+
+- always: the positional embedding resampled to N = (S / patch)² + 1 tokens (N × width) and the
+  example images (batch × 3 × S²);
+- when the graph runs (verification, evaluation): the autograd reference keeps every block's
+  attention for its backward, and the analytic graph holds a few more per block, so about
+  batch × heads × N² × (layers + 4) values, plus the token stream (batch × N × 4·width per block).
+
+It is an estimate, meant to catch sizes that cannot work (ViT-B-16 at 448 px needs about 1 GB,
+at 896 px about 16 GB; at 100000 px, petabytes), not to plan batch sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from legrad_runtime.errors import ExportError
+
+from .vit import ViTConfig
+
+__all__ = ["estimate_bytes", "available_bytes", "check_fits"]
+
+
+def estimate_bytes(vit: ViTConfig, size: int, batch: int, runs_graph: bool) -> int:
+    tokens = (size // vit.patch_size) ** 2 + 1
+    values = tokens * vit.width + batch * 3 * size * size
+    if runs_graph:
+        values += batch * vit.heads * tokens**2 * (vit.num_layers + 4)
+        values += batch * tokens * 4 * vit.width * vit.num_layers
+    return 4 * values
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else None (unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(vit: ViTConfig, model_name: str, size: int, batch: int, runs_graph: bool) -> None:
+    """ExportError with the estimate when `size` cannot fit in the memory available now."""
+    need, have = estimate_bytes(vit, size, batch, runs_graph), available_bytes()
+    if have is not None and need > have:
+        tokens = (size // vit.patch_size) ** 2 + 1
+        raise ExportError(
+            f"image size {size} needs about {need / 1e9:,.1f} GB for {model_name} ({tokens:,} tokens, "
+            f"batch {batch}), but this machine has {have / 1e9:.1f} GB available; use a smaller "
+            "--image-size" + (" (or --no-verify, which skips running the graph)" if runs_graph else "")
+        )
