@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or tokenizer.json",
+    )
     p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
     p.add_argument("--list-models", action="store_true", help="print the open_clip ViT model names and exit")
     return p
@@ -126,7 +132,9 @@ def _export(args: argparse.Namespace) -> int:
         from .load import load_openclip  # the torch import: seconds, and Ctrl-C may come here
         from .onnx_export import ExportSettings, export_model
 
-        loaded = load_openclip(args.model, args.pretrained, cache_dir=args.cache_dir)
+        loaded = load_openclip(
+            args.model, args.pretrained, cache_dir=args.cache_dir, tokenizer=args.tokenizer
+        )
         settings = ExportSettings(
             image_size=args.image_size,
             layers=args.layers,

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write every method's maps on the original images as DIR/<method>/<i>.npy",
     )
     add_max_pixels_option(p, "refused")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or tokenizer.json",
+    )
     p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
     return p
 
@@ -143,7 +149,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .evaluate import METHODS, compute_heatmaps  # the torch import: Ctrl-C may come here
         from .load import load_openclip
 
-        loaded = load_openclip(args.model, args.pretrained, cache_dir=args.cache_dir)
+        loaded = load_openclip(
+            args.model, args.pretrained, cache_dir=args.cache_dir, tokenizer=args.tokenizer
+        )
     size, layers = _resolve(loaded, args)
     columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

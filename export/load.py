@@ -1,4 +1,4 @@
-"""Loading OpenCLIP models: the ONLY module of this package that imports open_clip.
+"""Loading OpenCLIP models: with text_tokenizer.py, the only modules of this package that import open_clip.
 
 It turns a model name (built-in, `local-dir:PATH`, `hf-hub:ID`) and a pretrained spec (open_clip
 tag, local checkpoint path, or 'none') into a `LoadedModel`: the untouched open_clip model plus the
@@ -26,14 +26,14 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from safetensors import SafetensorError
 
 from legrad_runtime.errors import ExportError, UnsupportedModelError
-from legrad_runtime.metadata import PreprocessCfg, TokenizerCfg, Vocabulary, sha256_file
+from legrad_runtime.metadata import PreprocessCfg, Vocabulary, sha256_file
 
 from .layers import DEFAULT_LAYERS
+from .text_tokenizer import load_tokenizer
 from .vit import ViTConfig
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "load_openclip",
     "wrap_openclip",
     "describe_vit",
-    "write_tokenizer",
 ]
 
 OPEN_CLIP_VERSION = open_clip.__version__
@@ -201,8 +200,14 @@ def _local_dir_checkpoint(model_name: str) -> tuple[str, str | None]:
     return (found[0].name, sha256_file(found[0])) if found else ("none", None)
 
 
-def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str | None = None) -> LoadedModel:
-    """Build an open_clip model by name and load its weights; raise ExportError on any bad input."""
+def load_openclip(
+    model_name: str, pretrained: str = "none", *, cache_dir: str | None = None, tokenizer: str | None = None
+) -> LoadedModel:
+    """Build an open_clip model by name and load its weights; raise ExportError on any bad input.
+
+    `tokenizer`: a path to a Hugging Face tokenizer (folder or tokenizer.json) for models whose
+    tokenizer would otherwise be downloaded (see text_tokenizer.py).
+    """
     if Path(model_name).is_dir() and (Path(model_name) / "open_clip_config.json").is_file():
         model_name = f"local-dir:{model_name}"
     schema = next((s for s in _SCHEMAS if model_name.startswith(s)), None)
@@ -226,17 +231,21 @@ def load_openclip(model_name: str, pretrained: str = "none", *, cache_dir: str |
 
     try:
         model = open_clip.create_model(
-            model_name, pretrained=value, force_quick_gelu=force_quick_gelu, cache_dir=cache_dir
+            model_name,
+            pretrained=value,
+            force_quick_gelu=force_quick_gelu,
+            cache_dir=cache_dir,
+            pretrained_hf=False,  # an HF text tower's own weights: the CLIP checkpoint replaces them anyway
         )
     except _CHECKPOINT_ERRORS as exc:
         raise _explain_load_failure(model_name, pretrained, value, exc) from exc
     model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    text_tokenizer = load_tokenizer(model_name, tokenizer, cache_dir)
     defaults = (
         read_model_defaults(Path(model_name[len(schema) :])) if schema == "local-dir:" else ModelDefaults()
     )
     return wrap_openclip(
-        model, model_name, label, tokenizer=tokenizer, checkpoint_sha256=sha, defaults=defaults
+        model, model_name, label, tokenizer=text_tokenizer, checkpoint_sha256=sha, defaults=defaults
     )
 
 
@@ -347,31 +356,3 @@ def default_layer_spec(loaded: LoadedModel) -> str:
 def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     """The image tower's tensors by state-dict name (views; the exporter copies what it keeps)."""
     return dict(loaded.model.visual.state_dict())
-
-
-_CLEAN_NAMES = {
-    "_clean_lower": "lower",
-    "_clean_whitespace": "whitespace",
-    "_clean_canonicalize": "canonicalize",
-}
-
-
-def write_tokenizer(loaded: LoadedModel, folder: Path) -> TokenizerCfg:
-    """Write the tokenizer's files under folder/tokenizer/ so prompts can be embedded without torch."""
-    tok = loaded.tokenizer
-    out = folder / "tokenizer"
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(tok, SimpleTokenizer):
-        (out / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
-        merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
-        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-        (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        clean = _CLEAN_NAMES.get(getattr(tok.clean_fn, "__name__", ""), "lower")
-        return TokenizerCfg(
-            "clip-bpe", loaded.context_length, ("tokenizer/vocab.json", "tokenizer/merges.txt"), clean
-        )
-    if isinstance(tok, HFTokenizer):
-        written = tok.tokenizer.save_pretrained(str(out))
-        files = tuple(sorted(f"tokenizer/{Path(p).name}" for p in written if Path(p).is_file()))
-        return TokenizerCfg("hf", loaded.context_length, files, "whitespace")
-    raise UnsupportedModelError(f"cannot export tokenizer of type {type(tok).__name__}")

@@ -38,8 +38,9 @@ from legrad_runtime.session import PROMPT_LOOP_KEY
 
 from .graphs import TextGraph, build_image_graph, example_image_inputs
 from .layers import resolve_layers
-from .load import OPEN_CLIP_VERSION, LoadedModel, default_layer_spec, write_tokenizer
+from .load import OPEN_CLIP_VERSION, LoadedModel, default_layer_spec
 from .memory import check_fits
+from .text_tokenizer import write_tokenizer
 from .verify import VERIFY_PROMPTS, verify_export
 
 __all__ = ["ExportSettings", "export_model", "check_output_root", "model_folder_name"]

@@ -32,6 +32,7 @@ __all__ = [
     "TEXT_GRAPH",
     "PreprocessCfg",
     "TokenizerCfg",
+    "HFSettings",
     "FileEntry",
     "Vocabulary",
     "ModelMetadata",
@@ -43,7 +44,7 @@ __all__ = [
     "verify_files",
 ]
 
-SCHEMA_VERSION = 2  # v2: optional `vocabulary`; v1 folders are still read
+SCHEMA_VERSION = 3  # v3: `tokenizer.hf` (Hugging Face tokenizers); v2: `vocabulary`; v1 and v2 still read
 METADATA_FILE = "legrad.json"
 ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, minus `files` and `extra`
 
@@ -51,6 +52,7 @@ RESIZE_MODES = ("shortest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")  # open_clip's text cleaning, by name
 ACTIVATIONS = ("gelu", "quick_gelu")
+SIDES = ("right", "left")  # padding and truncation sides of a Hugging Face tokenizer
 
 # limits on what a model folder may declare: far above any real model, low enough to be harmless
 MAX_METADATA_BYTES = 16 * 1024**2
@@ -140,13 +142,28 @@ class PreprocessCfg:
 
 
 @dataclass(frozen=True)
+class HFSettings:
+    """What transformers applies around a `tokenizer.json` when open_clip's HFTokenizer calls it."""
+
+    pad_id: int
+    padding_side: str = "right"
+    truncation_side: str = "right"
+    strip_sep_id: int | None = None  # open_clip's `strip_sep_token`: this id (the SEP token) becomes 0
+
+
+@dataclass(frozen=True)
 class TokenizerCfg:
-    """How prompts become `input_ids`. kind 'clip-bpe': open_clip's SimpleTokenizer files."""
+    """How prompts become `input_ids`.
+
+    kind 'clip-bpe': open_clip's SimpleTokenizer files (vocab.json, merges.txt). kind 'hf': a
+    Hugging Face `tokenizer.json` run by the `tokenizers` library, with `hf` (v3) saying how.
+    """
 
     kind: str
     context_length: int
     files: tuple[str, ...]
     clean: str = "lower"
+    hf: HFSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +326,35 @@ class ModelMetadata:
             raise ModelFolderError(f"{source}: {exc}; re-export the model") from None
 
 
+def _parse_tokenizer(tok: Fields) -> TokenizerCfg:
+    kind = tok.str("kind", 40)
+    hf = None
+    if tok.has("hf") and tok.raw("hf") is not None:
+        if kind != "hf":
+            raise FieldError("tokenizer.hf", f"is for kind 'hf' only, not {show(kind)}")
+        h = Fields(tok.raw("hf"), "tokenizer.hf", [x.name for x in fields(HFSettings)])
+        strip = (
+            None
+            if not h.has("strip_sep_id") or h.raw("strip_sep_id") is None
+            else h.int("strip_sep_id", 0, 1 << 31)
+        )
+        hf = HFSettings(
+            h.int("pad_id", 0, 1 << 31),
+            h.str("padding_side", choices=SIDES) if h.has("padding_side") else "right",
+            h.str("truncation_side", choices=SIDES) if h.has("truncation_side") else "right",
+            strip,
+        )
+    elif kind == "hf":
+        raise FieldError("tokenizer.hf", "is required for kind 'hf' (the pad id and sides)")
+    return TokenizerCfg(
+        kind,
+        tok.int("context_length", 2, MAX_CONTEXT_LENGTH),
+        tok.strs("files", 16, 300),
+        tok.str("clean", choices=CLEAN_MODES) if tok.has("clean") else "lower",
+        hf,
+    )
+
+
 def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
     f = Fields(data, "", [x.name for x in fields(ModelMetadata)])
     image_size = f.int("image_size", 1, MAX_IMAGE_SIZE)
@@ -338,12 +384,8 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
         pre.str("interpolation", choices=INTERPOLATIONS) if pre.has("interpolation") else "bicubic",
         pre.str("resize_mode", choices=RESIZE_MODES) if pre.has("resize_mode") else "squash",
     )
-    tok = Fields(f.raw("tokenizer"), "tokenizer", [x.name for x in fields(TokenizerCfg)])
-    tokenizer = TokenizerCfg(
-        tok.str("kind", 40),
-        tok.int("context_length", 2, MAX_CONTEXT_LENGTH),
-        tok.strs("files", 16, 300),
-        tok.str("clean", choices=CLEAN_MODES) if tok.has("clean") else "lower",
+    tokenizer = _parse_tokenizer(
+        Fields(f.raw("tokenizer"), "tokenizer", [x.name for x in fields(TokenizerCfg)])
     )
     files = {}
     for key, value in f.object("files", MAX_FILES).items() if f.has("files") else ():

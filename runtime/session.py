@@ -35,7 +35,7 @@ from .metadata import (
     PreprocessCfg,
 )
 from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 from .visualize import grid, layer_figure, overlay
 
 __all__ = ["LeGradModel", "Explanation", "ImageFailure", "load", "session_options", "DEFAULT_MEMORY_BUDGET"]
@@ -204,7 +204,7 @@ class LeGradModel:
         options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(self.folder))
         self._image = self._session(files, IMAGE_GRAPH, options, providers)
         self._text = self._session(files, TEXT_GRAPH, options, providers)
-        self.tokenizer = Tokenizer.from_folder(self.folder, self.metadata.tokenizer, read=files.read_bytes)
+        self.tokenizer = load_tokenizer(self.folder, self.metadata.tokenizer, read=files.read_bytes)
         files.verify_others(read=[IMAGE_GRAPH.filename, TEXT_GRAPH.filename, *self.metadata.tokenizer.files])
         self.device = "cuda" if self._image.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "cuda" and self.device == "cpu":

@@ -1,4 +1,9 @@
-"""Prompts → `input_ids`, identical to open_clip's SimpleTokenizer, without torch.
+"""Prompts → `input_ids`, identical to open_clip's tokenizers, without torch.
+
+`load_tokenizer` picks the class the folder's metadata names: `Tokenizer` (kind 'clip-bpe',
+open_clip's SimpleTokenizer) or `HFTextTokenizer` (kind 'hf', open_clip's HFTokenizer).
+
+For 'clip-bpe':
 
 The byte-level BPE runs in HF `tokenizers` (Rust) on the files the exporter wrote (`vocab.json`,
 `merges.txt`). What HF would do differently from open_clip is done here in Python, exactly as
@@ -29,7 +34,7 @@ from .errors import ModelFolderError
 from .files import UnreadableFile, inside, printable, read_regular
 from .metadata import CLEAN_MODES, TokenizerCfg
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "HFTextTokenizer", "load_tokenizer"]
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 # open_clip's `pat` (compiled there with re.IGNORECASE), with its special tokens in front
@@ -113,11 +118,7 @@ class Tokenizer:
         read only if it lies inside `folder` and is a regular file.
         """
         folder = Path(folder)
-        if cfg.kind != "clip-bpe":
-            raise ModelFolderError(
-                f"tokenizer kind {printable(cfg.kind)!r} in {folder} is not supported by the runtime yet; "
-                "only open_clip's CLIP BPE tokenizer ('clip-bpe') is"
-            )
+        _check_kind(folder, cfg, "clip-bpe")
         if cfg.clean not in CLEAN_FNS:
             raise ModelFolderError(
                 f"unsupported tokenizer clean {printable(cfg.clean)!r}; expected one of {tuple(CLEAN_FNS)}"
@@ -165,14 +166,100 @@ class Tokenizer:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """int64 (len(texts), context_length): SOT, ids, EOT, zero padding; long texts keep EOT last."""
-        if isinstance(texts, str):  # as open_clip does
-            texts = [texts]
-        bad = [f"#{i}: {type(t).__name__}" for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"prompts must be str; got {', '.join(bad)}")
+        texts = _check_texts(texts)
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, ids in zip(out, self.encode(texts)):
             tokens = [self.sot_token_id, *ids, self.eot_token_id][: self.context_length]
             tokens[-1] = self.eot_token_id
             row[: len(tokens)] = tokens
         return out
+
+
+class HFTextTokenizer:
+    """open_clip's HFTokenizer on a fast (Rust) Hugging Face tokenizer, without transformers or torch.
+
+    As open_clip calls it: its text cleaning, then transformers' `padding="max_length",
+    truncation=True` (the tokenizer's own special tokens added, longest-first truncation that keeps
+    them), then with `strip_sep_id` that id replaced by 0.
+    """
+
+    def __init__(self, tokenizer_json: bytes, cfg: TokenizerCfg):
+        if cfg.hf is None:
+            raise ModelFolderError("tokenizer kind 'hf' without its 'hf' settings; re-export the model")
+        try:
+            self._tok = HFTokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad tokenizer.json
+            raise ModelFolderError(f"unreadable tokenizer.json ({exc}); re-export the model") from None
+        hf = cfg.hf
+        pad_token = self._tok.id_to_token(hf.pad_id)
+        if pad_token is None:
+            raise ModelFolderError(
+                f"tokenizer pad id {hf.pad_id} is outside its vocabulary of {self._tok.get_vocab_size()}"
+            )
+        self.context_length = cfg.context_length
+        self.clean_fn = CLEAN_FNS[cfg.clean]
+        self.strip_sep_id = hf.strip_sep_id
+        self._tok.enable_truncation(cfg.context_length, direction=hf.truncation_side)
+        self._tok.enable_padding(
+            direction=hf.padding_side, pad_id=hf.pad_id, pad_token=pad_token, length=cfg.context_length
+        )
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | Path, cfg: TokenizerCfg, read: Callable[[str], bytes] | None = None
+    ) -> HFTextTokenizer:
+        """Load the `tokenizer.json` listed in `cfg` (`read` as for `Tokenizer.from_folder`)."""
+        folder = Path(folder)
+        _check_kind(folder, cfg, "hf")
+        paths = [f for f in cfg.files if PurePosixPath(f).name == "tokenizer.json"]
+        if len(paths) != 1:
+            raise ModelFolderError(
+                f"{folder}'s metadata must list one tokenizer.json among its tokenizer files; re-export"
+            )
+        return cls((read or functools.partial(_read_inside, folder))(paths[0]), cfg)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """int64 (len(texts), context_length), as open_clip's `HFTokenizer(texts)`."""
+        texts = _check_texts(texts)
+        encoded = self._tok.encode_batch([self.clean_fn(t) for t in texts])
+        out = np.array([e.ids for e in encoded], dtype=np.int64).reshape(len(texts), self.context_length)
+        if self.strip_sep_id is not None:
+            out[out == self.strip_sep_id] = 0
+        return out
+
+
+def _check_kind(folder: Path, cfg: TokenizerCfg, kind: str) -> None:
+    if cfg.kind != kind:
+        raise _unsupported(folder, cfg.kind)
+
+
+def _unsupported(folder: Path, kind: str) -> ModelFolderError:
+    return ModelFolderError(
+        f"tokenizer kind {printable(kind)!r} in {folder} is not supported by this legrad-onnx; "
+        f"it reads {', '.join(repr(k) for k in TOKENIZER_CLASSES)}; upgrade legrad-onnx"
+    )
+
+
+def _check_texts(texts: Sequence[str] | str) -> list[str]:
+    if isinstance(texts, str):  # as open_clip does
+        texts = [texts]
+    bad = [f"#{i}: {type(t).__name__}" for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"prompts must be str; got {', '.join(bad)}")
+    return list(texts)
+
+
+TOKENIZER_CLASSES: dict[str, type[Tokenizer] | type[HFTextTokenizer]] = {
+    "clip-bpe": Tokenizer,
+    "hf": HFTextTokenizer,
+}
+
+
+def load_tokenizer(
+    folder: str | Path, cfg: TokenizerCfg, read: Callable[[str], bytes] | None = None
+) -> Tokenizer | HFTextTokenizer:
+    """The tokenizer a model folder's metadata names, its files read through `read` (checksummed)."""
+    cls = TOKENIZER_CLASSES.get(cfg.kind)
+    if cls is None:
+        raise _unsupported(Path(folder), cfg.kind)
+    return cls.from_folder(folder, cfg, read)

@@ -1,6 +1,7 @@
 """Shared fixtures, torch-free: the runtime tests run in a venv without torch too.
 
-`model_folders` are exported tiny models, one per resize mode. In the lean CI venv they come from
+`model_folders` are exported tiny models, one per resize mode, and one ("hf") whose tokenizer is a
+Hugging Face one. In the lean CI venv they come from
 LEGRAD_TEST_MODEL_DIR (exported earlier in the same CI run by `python tests/tiny_models.py DIR`);
 elsewhere they are exported here, which needs torch.
 """
@@ -24,7 +25,7 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
     env = os.environ.get("LEGRAD_TEST_MODEL_DIR")
     if env:
         root = Path(env)
-        return {mode: next((root / mode).iterdir()) for mode in ("squash", "shortest")}
+        return {mode: next((root / mode).iterdir()) for mode in ("squash", "shortest", "hf")}
     pytest.importorskip("torch", reason="set LEGRAD_TEST_MODEL_DIR or install the export extra")
     from tiny_models import export_runtime_folders
 
@@ -34,3 +35,9 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def model_folder(model_folders) -> Path:
     return model_folders["squash"]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_cases(model_folders) -> Path:
+    """Folder of per-kind HF tokenizer files and open_clip's ids (tiny_models.write_hf_tokenizer_cases)."""
+    return model_folders["hf"].parent.parent / "hf-tokenizer-cases"

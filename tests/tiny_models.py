@@ -35,9 +35,31 @@ def tiny_model_cfg(variant: str) -> dict:
     }
 
 
-def build_tiny_model(variant: str, seed: int = 0):
+# SigLIP-style text towers (open_clip's TextTransformer fed by a Hugging Face tokenizer), per tokenizer
+HF_TEXT_CLEAN = {"unigram": "canonicalize", "wordpiece": "lower", "bpe": "whitespace"}
+
+
+def tiny_hf_text_cfg(kind: str, vocab_size: int) -> dict:
+    """b16_like with a text tower like SigLIP's: no causal mask, last-token pooling, a HF tokenizer."""
+    return tiny_model_cfg("b16_like") | {
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": vocab_size,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+            "no_causal_mask": True,
+            "pool_type": "last",
+            "proj_bias": True,
+            "hf_tokenizer_name": f"tiny-{kind}",  # a Hub name; open_clip reads local-dir: folders' own files
+            "tokenizer_kwargs": {"clean": HF_TEXT_CLEAN[kind], "strip_sep_token": kind == "wordpiece"},
+        }
+    }
+
+
+def build_tiny_model(variant: str, seed: int = 0, cfg: dict | None = None):
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**tiny_model_cfg(variant)).eval()
+    model = open_clip.CLIP(**(cfg or tiny_model_cfg(variant))).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".ln_" in name or name.startswith(("visual.ln", "ln_final")) or name.endswith("gamma"):
@@ -45,12 +67,67 @@ def build_tiny_model(variant: str, seed: int = 0):
     return model
 
 
-def save_tiny_model_dir(root: Path, variant: str, seed: int = 0) -> Path:
+def save_tiny_model_dir(root: Path, variant: str, seed: int = 0, cfg: dict | None = None) -> Path:
     folder = root / f"tiny-{variant}"
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": tiny_model_cfg(variant), "preprocess_cfg": {"interpolation": "bicubic"}}
+    model_cfg = cfg or tiny_model_cfg(variant)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"interpolation": "bicubic"}}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.save(build_tiny_model(variant, seed).state_dict(), folder / "open_clip_pytorch_model.bin")
+    torch.save(
+        build_tiny_model(variant, seed, model_cfg).state_dict(), folder / "open_clip_pytorch_model.bin"
+    )
+    return folder
+
+
+def save_tiny_hf_text_encoder_model(root: Path, seed: int = 0) -> Path:
+    """A local-dir: folder like roberta-ViT-B-32: open_clip's HFTextEncoder (tiny RoBERTa), BPE tokenizer.
+
+    The RoBERTa config is saved beside the folder and named by absolute path, as open_clip's
+    `hf_model_name` would name a Hub repo; the text tower's weights are in the CLIP checkpoint.
+    """
+    from transformers import RobertaConfig
+
+    from hf_tokenizers import build_hf_tokenizer, save_hf_tokenizer
+
+    vocab = build_hf_tokenizer("bpe")[0].get_vocab_size()
+    text_config = root / "tiny-roberta-config"
+    RobertaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=20,  # RoBERTa's positions start after the pad id: 16 + 2 fit
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ).save_pretrained(str(text_config))
+    text_cfg = {
+        "hf_model_name": str(text_config.resolve()),
+        "hf_tokenizer_name": "tiny-bpe",
+        "hf_proj_type": "mlp",
+        "hf_pooler_type": "mean_pooler",
+        "context_length": 16,
+    }
+    cfg = tiny_model_cfg("b16_like") | {"text_cfg": text_cfg}
+    folder = root / "tiny-hf-roberta"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}", pretrained_hf=False)
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    save_hf_tokenizer("bpe", folder)
+    return folder
+
+
+def save_tiny_hf_text_model(root: Path, kind: str, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """A local-dir: folder whose tokenizer is the small HF tokenizer KIND, saved inside it (or not)."""
+    from hf_tokenizers import build_hf_tokenizer, save_hf_tokenizer
+
+    vocab_size = build_hf_tokenizer(kind)[0].get_vocab_size()
+    folder = save_tiny_model_dir(root, f"hf-{kind}", seed, tiny_hf_text_cfg(kind, vocab_size))
+    if with_tokenizer:
+        save_hf_tokenizer(kind, folder)
     return folder
 
 
@@ -109,7 +186,36 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
     for mode in ("squash", "shortest"):
         folder = export_model(loaded, out / mode, ExportSettings(resize_mode=mode, overwrite=True))
         folders[mode] = folder
+    hf_source = save_tiny_hf_text_model(out / "source", "unigram")
+    folders["hf"] = export_model(load_openclip(str(hf_source)), out / "hf", ExportSettings(overwrite=True))
+    write_hf_tokenizer_cases(out / HF_TOKENIZER_CASES)
     return folders
+
+
+HF_TOKENIZER_CASES = "hf-tokenizer-cases"
+
+
+def write_hf_tokenizer_cases(out: Path) -> None:
+    """Per HF tokenizer kind: the files an export writes, their TokenizerCfg, and open_clip's ids.
+
+    For the torch-free runtime tests: `out/<kind>/` holds `tokenizer/`, `cfg.json` and `ids.json`
+    (open_clip's HFTokenizer on prompt_corpus.CORPUS and 300 random prompts).
+    """
+    from dataclasses import asdict
+
+    from hf_tokenizers import KINDS
+    from legrad_export.load import load_openclip
+    from legrad_export.text_tokenizer import write_tokenizer
+    from prompt_corpus import CORPUS, random_prompts
+
+    prompts = CORPUS + random_prompts(300, seed=3)
+    for kind in KINDS:
+        folder = out / kind
+        loaded = load_openclip(str(save_tiny_hf_text_model(out / "sources", kind)))
+        cfg = write_tokenizer(loaded, folder)
+        (folder / "cfg.json").write_text(json.dumps(asdict(cfg)))
+        ids = loaded.tokenizer(prompts).tolist()
+        (folder / "ids.json").write_text(json.dumps({"prompts": prompts, "ids": ids}, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from legrad_runtime.metadata import (
     METADATA_FILE,
     SCHEMA_VERSION,
     FileEntry,
+    HFSettings,
     ModelMetadata,
     PreprocessCfg,
     TokenizerCfg,
@@ -140,3 +141,39 @@ def test_malformed_vocabulary_is_a_model_folder_error(tmp_path):
     (tmp_path / METADATA_FILE).write_text(json.dumps(data))
     with pytest.raises(ModelFolderError, match="vocabulary needs"):
         read_metadata(tmp_path)
+
+
+def test_v2_metadata_without_hf_settings_still_reads(tmp_path):
+    data = json.loads(_folder(tmp_path).to_json())
+    data["schema_version"] = 2
+    data["tokenizer"].pop("hf")
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))
+    meta = read_metadata(tmp_path)
+    assert meta.schema_version == 2 and meta.tokenizer.hf is None and meta.tokenizer.kind == "clip-bpe"
+
+
+@pytest.mark.parametrize(
+    "kind, hf, match",
+    [
+        ("hf", None, "tokenizer.hf' is required for kind 'hf'"),
+        ("clip-bpe", {"pad_id": 0}, "tokenizer.hf' is for kind 'hf' only"),
+        ("hf", {"pad_id": -1}, "tokenizer.hf.pad_id"),
+        ("hf", {"pad_id": 0, "padding_side": "middle"}, "tokenizer.hf.padding_side"),
+        ("hf", {"pad_id": 0, "strip_sep_id": "3"}, "tokenizer.hf.strip_sep_id"),
+        ("hf", {"pad_id": 0, "pad_token": "<pad>"}, "pad_token"),
+    ],
+)
+def test_hf_tokenizer_settings_are_validated(tmp_path, kind, hf, match):
+    data = json.loads(_folder(tmp_path).to_json())
+    data["tokenizer"] |= {"kind": kind, "hf": hf}
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelFolderError, match=match):
+        read_metadata(tmp_path)
+
+
+def test_hf_tokenizer_settings_round_trip(tmp_path):
+    meta = _folder(tmp_path)
+    hf = HFSettings(pad_id=1, padding_side="left", truncation_side="right", strip_sep_id=102)
+    tok = dataclasses.replace(meta.tokenizer, kind="hf", files=("tokenizer/tokenizer.json",), hf=hf)
+    (tmp_path / METADATA_FILE).write_text(dataclasses.replace(meta, tokenizer=tok).to_json())
+    assert read_metadata(tmp_path).tokenizer == tok

@@ -15,7 +15,7 @@ import pytest
 
 from legrad_runtime.errors import ModelFolderError
 from legrad_runtime.metadata import read_metadata
-from legrad_runtime.tokenizer import Tokenizer
+from legrad_runtime.tokenizer import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def test_a_corrupt_vocab_is_a_model_folder_error(model_folder, cfg, tmp_path):
         Tokenizer.from_folder(tmp_path, cfg)
 
 
-def test_hf_tokenizers_and_unknown_cleaning_are_refused_with_a_model_folder_error(model_folder, cfg):
-    with pytest.raises(ModelFolderError, match="'hf'.*not supported"):
-        Tokenizer.from_folder(model_folder, dataclasses.replace(cfg, kind="hf"))
+def test_unknown_kinds_and_cleaning_are_refused_with_a_model_folder_error(model_folder, cfg):
+    with pytest.raises(ModelFolderError, match="'sentencepiece'.*not supported.*'clip-bpe', 'hf'"):
+        load_tokenizer(model_folder, dataclasses.replace(cfg, kind="sentencepiece"))
     with pytest.raises(ModelFolderError, match="'shout'"):
         Tokenizer.from_folder(model_folder, dataclasses.replace(cfg, clean="shout"))
 
