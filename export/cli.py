@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="open_clip model name (e.g. ViT-B-16), or local-dir:PATH")
     p.add_argument(
         "--pretrained",
-        default="none",
-        help="open_clip tag (e.g. laion2b_s34b_b88k), a local checkpoint path, or 'none' for random weights",
+        default=None,
+        help="open_clip tag (e.g. laion2b_s34b_b88k), a local checkpoint path, or 'none' for random weights "
+        "(the default); with --list-models, list every pretrained (model, tag) pair",
     )
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
     p.add_argument(
@@ -73,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or tokenizer.json",
     )
     p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
-    p.add_argument("--list-models", action="store_true", help="print the open_clip ViT model names and exit")
+    p.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print every open_clip model (name, tower family, supported or why not) and exit",
+    )
     return p
 
 
@@ -111,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     if args.list_models:
-        from .load import list_vit_models
+        from .support import all_models, all_pairs
 
-        print("\n".join(list_vit_models()))
+        if args.pretrained is None:
+            lines = [support.line(name) for name, support in all_models()]
+        else:
+            lines = [support.line(f"{name}\t{tag}") for name, tag, support in all_pairs()]
+        print("\n".join(lines))
         return EXIT_OK
     if not args.model:
         raise ExportError("--model is required (e.g. --model ViT-B-16); see --list-models")
@@ -133,7 +142,7 @@ def _export(args: argparse.Namespace) -> int:
         from .onnx_export import ExportSettings, export_model
 
         loaded = load_openclip(
-            args.model, args.pretrained, cache_dir=args.cache_dir, tokenizer=args.tokenizer
+            args.model, args.pretrained or "none", cache_dir=args.cache_dir, tokenizer=args.tokenizer
         )
         settings = ExportSettings(
             image_size=args.image_size,

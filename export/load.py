@@ -33,6 +33,7 @@ from legrad_runtime.errors import ExportError, UnsupportedModelError
 from legrad_runtime.metadata import PreprocessCfg, Vocabulary, sha256_file
 
 from .layers import DEFAULT_LAYERS
+from .support import all_models, model_support
 from .text_tokenizer import load_tokenizer
 from .vit import ViTConfig
 
@@ -116,16 +117,9 @@ class LoadedModel:
         return float(self.model.logit_scale.exp().item())
 
 
-def _is_plain_vit(cfg: dict) -> bool:
-    vision = cfg.get("vision_cfg", {})
-    plain = isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
-    custom = any(vision.get(k) for k in ("attentional_pool", "qk_norm", "scaled_cosine_attn", "scale_attn"))
-    return plain and not custom and "multimodal_cfg" not in cfg
-
-
 def list_vit_models() -> list[str]:
-    """open_clip model names whose image tower is a plain ViT (what this exporter supports)."""
-    return [n for n in open_clip.list_models() if _is_plain_vit(open_clip.get_model_config(n) or {})]
+    """open_clip model names whose image tower this exporter supports (see support.py)."""
+    return [name for name, support in all_models() if support.supported]
 
 
 def _suggest(name: str) -> str:
@@ -225,8 +219,12 @@ def load_openclip(
     elif schema == "hf-hub:":
         value, label, sha = None, model_name[len("hf-hub:") :], None
     else:
-        if not _is_plain_vit(open_clip.get_model_config(model_name) or {}):
-            describe_vit(open_clip.create_model(model_name), model_name)  # fast random build names the tower
+        support = model_support(model_name)
+        if not support.supported:
+            raise UnsupportedModelError(
+                f"{model_name}'s image tower is {support.family}: LeGrad export does not support it, "
+                f"{support.reason}; see `legrad-export --list-models`"
+            )
         value, label, sha, force_quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
 
     try:

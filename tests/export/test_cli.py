@@ -41,7 +41,7 @@ def test_unknown_model_name_suggests_close_matches(tmp_path, capsys):
 
 def test_non_vit_tower_is_refused(tmp_path, capsys):
     line = _fails_cleanly(capsys, tmp_path / "out", "--model", "RN50")
-    assert "ModifiedResNet" in line and "not an OpenCLIP VisionTransformer" in line
+    assert "RN50's image tower is ResNet" in line and "no self-attention over patch tokens" in line
 
 
 def test_checkpoint_that_does_not_fit_the_config(tmp_path, capsys):
