@@ -20,6 +20,7 @@ from legrad_export.graphs import build_image_graph
 from legrad_export.layers import resolve_layers
 from legrad_export.load import wrap_openclip
 from legrad_export.reference import legrad_reference
+from legrad_export.reference_siglip import legrad_reference_siglip
 from tiny_models import random_inputs
 
 pytestmark = pytest.mark.torch
@@ -55,6 +56,21 @@ def authors_site() -> Path:
     return SITE
 
 
+def _run_authors(authors_site: Path, tmp_path: Path, job: dict) -> torch.Tensor:
+    """The authors' maps for JOB (see authors_legrad.py), run in a subprocess on their open_clip."""
+    job_path, out = tmp_path / "job.pt", tmp_path / "out.pt"
+    torch.save(job, job_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(authors_site), str(HERE)])}
+    run = subprocess.run(
+        [sys.executable, str(HERE / "authors_legrad.py"), str(job_path), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.load(out)
+
+
 # (open_clip model name, image size, the authors' layer_index)
 CASES = [("ViT-B-32-quickgelu", 224, -2), ("ViT-B-16", 448, -2), ("ViT-B-32", 224, 8)]
 
@@ -66,26 +82,8 @@ def test_maps_equal_the_authors_code(name, size, layer_index, authors_site, tmp_
     weights = tmp_path / "weights.pt"
     torch.save(model.state_dict(), weights)
     pixels, text = random_inputs(2, 3, size, model.visual.proj.shape[1], seed=5)
-    job, out = tmp_path / "job.pt", tmp_path / "out.pt"
-    torch.save(
-        {
-            "model_name": name,
-            "weights": str(weights),
-            "pixel_values": pixels,
-            "text_embeds": text,
-            "layer_index": layer_index,
-        },
-        job,
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(authors_site), str(HERE)])}
-    run = subprocess.run(
-        [sys.executable, str(HERE / "authors_legrad.py"), str(job), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    theirs = torch.load(out)
+    job = {"model_name": name, "weights": str(weights), "pixel_values": pixels, "text_embeds": text}
+    theirs = _run_authors(authors_site, tmp_path, job | {"layer_index": layer_index})
 
     ref = legrad_reference(model, pixels, text, layer_index)
     loaded = wrap_openclip(model, name, tokenizer=object())
@@ -98,3 +96,40 @@ def test_maps_equal_the_authors_code(name, size, layer_index, authors_site, tmp_
     assert torch.isfinite(theirs).all() and torch.allclose(span, torch.ones_like(span))  # real, min-max maps
     assert (ref.heatmaps - theirs).abs().max() <= 1e-5
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+# (layer_index, correction): ViT-B-16-SigLIP at its native 224, random weights
+SIGLIP_CASES = [(-2, True), (-2, False), (8, True)]
+
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-SigLIP").eval()
+    weights = tmp_path_factory.mktemp("siglip") / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    return model, weights
+
+
+@pytest.mark.parametrize(("layer_index", "correction"), SIGLIP_CASES)
+def test_siglip_reference_equals_the_authors_code(siglip, layer_index, correction, authors_site, tmp_path):
+    model, weights = siglip
+    pixels, text = random_inputs(2, 3, 224, 768, seed=7)
+    empty = torch.nn.functional.normalize(torch.randn(768, generator=torch.Generator().manual_seed(8)), dim=0)
+    job = {
+        "model_name": "ViT-B-16-SigLIP",
+        "weights": str(weights),
+        "pixel_values": pixels,
+        "text_embeds": text,
+    }
+    theirs = _run_authors(
+        authors_site,
+        tmp_path,
+        job | {"layer_index": layer_index, "empty_embed": empty if correction else None},
+    )
+    ref = legrad_reference_siglip(model, pixels, text, layer_index, empty if correction else None)
+    assert theirs.shape == ref.heatmaps.shape == (2, 3, 224, 224)
+    assert torch.isfinite(theirs).all() and theirs.amax() > 0.9  # real maps, not blank ones
+    diff = (ref.heatmaps - theirs).abs().max()
+    print(f"SigLIP layer_index={layer_index} correction={correction}: max |ours - theirs| = {diff:.2e}")
+    assert diff <= 1e-5
