@@ -9,14 +9,16 @@ threshold are zeroed; then min-max per (image, prompt) and a bilinear upsampling
 
 It runs the UNTOUCHED open_clip model (`TimmModel` with a timm VisionTransformer trunk): the trunk's
 own modules in order, and the head's own submodules with the softmax written out, so that A is a
-tensor autograd differentiates against. Nothing is patched or hooked. At the tower's native input
-size only, for now (timm's patch embedding checks it).
+tensor autograd differentiates against. Nothing is patched or hooked. At another input size the
+positional embedding is resampled into a new tensor as timm's `dynamic_img_size` does (bicubic,
+antialiased), which is what the authors' wrapper switches on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from .layers import resolve_layers
 from .reference import LeGradOutput
@@ -38,6 +40,22 @@ def map_head_with_attention(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.
         out = out + pool.mlp(pool.norm(out))
     pooled = out[:, 0] if pool.pool == "token" else out.mean(1) if pool.pool == "avg" else out
     return pooled, attn
+
+
+def _embed(trunk, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Patch tokens (B, N, D) with positions, as the trunk makes them, at any multiple of the patch."""
+    if trunk.cls_token is not None or getattr(trunk, "reg_token", None) is not None:
+        raise ValueError(
+            "the trunk has prefix (class or register) tokens; this reference is for MAP-head towers"
+        )
+    grid = pixel_values.shape[-1] // trunk.patch_embed.patch_size[0]
+    x = trunk.patch_embed.norm(trunk.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2))
+    pos = trunk.pos_embed
+    if pos.shape[1] != grid * grid:
+        pos = resample_abs_pos_embed(
+            pos, new_size=(grid, grid), old_size=trunk.patch_embed.grid_size, num_prefix_tokens=0
+        )
+    return trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x + pos)))
 
 
 def _min_max(x: torch.Tensor) -> torch.Tensor:
@@ -76,13 +94,13 @@ def legrad_reference_siglip(
     patch = trunk.patch_embed.patch_size[0]
     grid = pixel_values.shape[-1] // patch
     with torch.no_grad():
-        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixel_values))))
+        x = _embed(trunk, pixel_values)
         tokens = []
         for i, block in enumerate(trunk.blocks):
             x = block(x)
             if i in used:
                 tokens.append(x)
-        image_embeds = F.normalize(model.visual(pixel_values), dim=-1)
+        image_embeds = F.normalize(model.visual.head(trunk.forward_head(trunk.norm(x))), dim=-1)
     with torch.enable_grad():
         layer_maps = _layer_maps(trunk.attn_pool, tokens, text_embeds, grid)
         summed = layer_maps.sum(dim=2)  # (B, P, g, g)

@@ -98,8 +98,8 @@ def test_maps_equal_the_authors_code(name, size, layer_index, authors_site, tmp_
     assert (ours - theirs).abs().max() <= 1e-5
 
 
-# (layer_index, correction): ViT-B-16-SigLIP at its native 224, random weights
-SIGLIP_CASES = [(-2, True), (-2, False), (8, True)]
+# (image size, layer_index, correction): ViT-B-16-SigLIP (native 224), random weights
+SIGLIP_CASES = [(224, -2, True), (224, -2, False), (224, 8, True), (384, -2, True)]
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,12 @@ def siglip(tmp_path_factory):
     return model, weights
 
 
-@pytest.mark.parametrize(("layer_index", "correction"), SIGLIP_CASES)
-def test_siglip_reference_equals_the_authors_code(siglip, layer_index, correction, authors_site, tmp_path):
+@pytest.mark.parametrize(("size", "layer_index", "correction"), SIGLIP_CASES)
+def test_siglip_reference_equals_the_authors_code(
+    siglip, size, layer_index, correction, authors_site, tmp_path
+):
     model, weights = siglip
-    pixels, text = random_inputs(2, 3, 224, 768, seed=7)
+    pixels, text = random_inputs(2, 3, size, 768, seed=7)
     empty = torch.nn.functional.normalize(torch.randn(768, generator=torch.Generator().manual_seed(8)), dim=0)
     job = {
         "model_name": "ViT-B-16-SigLIP",
@@ -128,8 +130,8 @@ def test_siglip_reference_equals_the_authors_code(siglip, layer_index, correctio
         job | {"layer_index": layer_index, "empty_embed": empty if correction else None},
     )
     ref = legrad_reference_siglip(model, pixels, text, layer_index, empty if correction else None)
-    assert theirs.shape == ref.heatmaps.shape == (2, 3, 224, 224)
+    assert theirs.shape == ref.heatmaps.shape == (2, 3, size, size)
     assert torch.isfinite(theirs).all() and theirs.amax() > 0.9  # real maps, not blank ones
     diff = (ref.heatmaps - theirs).abs().max()
-    print(f"SigLIP layer_index={layer_index} correction={correction}: max |ours - theirs| = {diff:.2e}")
+    print(f"SigLIP {size} px, layer_index={layer_index}, correction={correction}: max diff {diff:.2e}")
     assert diff <= 1e-5

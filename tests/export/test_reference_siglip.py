@@ -44,3 +44,13 @@ def test_maps_per_prompt_and_the_correction(siglip):
     torch.testing.assert_close(plain.layer_maps, corrected.layer_maps)  # the correction acts on the sum
     assert (plain.heatmaps != corrected.heatmaps).any()
     assert (plain.layer_maps >= 0).all() and plain.layer_maps.amax() > 0
+
+
+def test_image_embeds_equal_the_models_and_other_sizes_resample_positions(siglip):
+    pixels, text = random_inputs(1, 2, 224, 768, seed=6)
+    with torch.no_grad():
+        expected = F.normalize(siglip.encode_image(pixels), dim=-1)
+    assert (legrad_reference_siglip(siglip, pixels, text).image_embeds - expected).abs().max() <= 1e-5
+    big, _ = random_inputs(1, 2, 384, 768, seed=6)
+    out = legrad_reference_siglip(siglip, big, text)
+    assert out.heatmaps.shape == (1, 2, 384, 384) and out.layer_maps.shape == (1, 2, 2, 24, 24)
