@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
+    add_loading_options(p)
+    p.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print every open_clip model (name, tower family, supported or why not) and exit",
+    )
+    return p
+
+
+def add_loading_options(p: argparse.ArgumentParser) -> None:
+    """--tokenizer and --cache-dir: how the model's parts are found, the same on every torch-side CLI."""
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -74,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or tokenizer.json",
     )
     p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
-    p.add_argument(
-        "--list-models",
-        action="store_true",
-        help="print every open_clip model (name, tower family, supported or why not) and exit",
+
+
+def load_from_args(args: argparse.Namespace):
+    """`load_openclip` on the parsed --model, --pretrained, --cache-dir and --tokenizer (imports torch)."""
+    from .load import load_openclip
+
+    return load_openclip(
+        args.model, args.pretrained or "none", cache_dir=args.cache_dir, tokenizer=args.tokenizer
     )
-    return p
 
 
 class _Stages:
@@ -138,12 +152,9 @@ def _export(args: argparse.Namespace) -> int:
     ok = False
     try:
         stages("load")
-        from .load import load_openclip  # the torch import: seconds, and Ctrl-C may come here
-        from .onnx_export import ExportSettings, export_model
+        from .onnx_export import ExportSettings, export_model  # the torch import: Ctrl-C may come here
 
-        loaded = load_openclip(
-            args.model, args.pretrained or "none", cache_dir=args.cache_dir, tokenizer=args.tokenizer
-        )
+        loaded = load_from_args(args)
         settings = ExportSettings(
             image_size=args.image_size,
             layers=args.layers,

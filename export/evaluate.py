@@ -1,19 +1,15 @@
-"""`legrad-evaluate`: LeGrad and baselines from the same model, scored on a folder of masked cases.
+"""LeGrad and baselines from the same model, scored on a folder of masked cases (torch side).
 
-    legrad-evaluate CASES_DIR --model local-dir:models/shapes --layers -2 --json scores.json
-
-Each image is preprocessed as the runtime does (`legrad_runtime.preprocess`), explained by the
-analytic LeGrad module for all of its prompts in one forward, and every method's map is put back
-onto the original image (`to_original`) before `legrad_runtime.evaluation` scores it. Methods:
-LeGrad, the last block's CLS attention, attention rollout (both from the same ViT, text-agnostic),
-a centre prior (model-free), and optionally a folder of saved heatmaps.
-
-Bad input ends in one line on stderr and exit code 2; the table goes to stdout.
+The command `legrad-evaluate` is `evaluate_cli.py`; this module holds the work. Each image is
+preprocessed as the runtime does (`legrad_runtime.preprocess`), explained by the analytic LeGrad
+module for all of its prompts in one forward, and every method's map is put back onto the
+original image (`to_original`) before `legrad_runtime.evaluation` scores it. Methods: LeGrad, the
+last block's CLS attention, attention rollout (both from the same ViT, text-agnostic), a centre
+prior (model-free), and optionally a folder of saved heatmaps.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,7 +29,7 @@ from .graphs import TextGraph, build_image_graph
 from .legrad import upsample
 from .load import LoadedModel
 
-__all__ = ["METHODS", "build_parser", "compute_heatmaps", "evaluate_cases", "main"]
+__all__ = ["METHODS", "compute_heatmaps", "evaluate_cases"]
 
 LEGRAD, CLS_ATTENTION, ROLLOUT, CENTRE_PRIOR = "legrad", "cls-attention", "rollout", "centre-prior"
 METHODS = (LEGRAD, CLS_ATTENTION, ROLLOUT, CENTRE_PRIOR)
@@ -158,9 +154,3 @@ def evaluate_cases(
     """Compute every method's heatmaps for `cases` and score them (plus `extra` saved methods)."""
     maps = compute_heatmaps(loaded, cases, image_size, layers, resize_mode, max_pixels=max_pixels)
     return score_cases(cases, maps | (extra or {}), threshold, max_pixels=max_pixels)
-
-
-from .evaluate_cli import build_parser, main  # noqa: E402  (the light CLI; `python -m` still works)
-
-if __name__ == "__main__":
-    sys.exit(main())

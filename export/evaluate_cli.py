@@ -30,6 +30,8 @@ from legrad_runtime.evaluation import (
 )
 from legrad_runtime.files import ensure_output_folder
 
+from .cli import add_loading_options, load_from_args
+
 __all__ = ["build_parser", "main"]
 
 PROG = "legrad-evaluate"
@@ -74,13 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write every method's maps on the original images as DIR/<method>/<i>.npy",
     )
     add_max_pixels_option(p, "refused")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="PATH",
-        help="the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or tokenizer.json",
-    )
-    p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
+    add_loading_options(p)
     return p
 
 
@@ -147,11 +143,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         extra[f"saved:{Path(args.heatmaps).resolve().name}"] = load_saved_heatmaps(args.heatmaps, len(cases))
     with console.status("loading the model ..."):
         from .evaluate import METHODS, compute_heatmaps  # the torch import: Ctrl-C may come here
-        from .load import load_openclip
 
-        loaded = load_openclip(
-            args.model, args.pretrained, cache_dir=args.cache_dir, tokenizer=args.tokenizer
-        )
+        loaded = load_from_args(args)
     size, layers = _resolve(loaded, args)
     columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

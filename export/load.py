@@ -1,4 +1,4 @@
-"""Loading OpenCLIP models: with text_tokenizer.py, the only modules of this package that import open_clip.
+"""Loading OpenCLIP models (open_clip is imported only here, in text_tokenizer.py and in support.py).
 
 It turns a model name (built-in, `local-dir:PATH`, `hf-hub:ID`) and a pretrained spec (open_clip
 tag, local checkpoint path, or 'none') into a `LoadedModel`: the untouched open_clip model plus the
@@ -33,7 +33,7 @@ from legrad_runtime.errors import ExportError, UnsupportedModelError
 from legrad_runtime.metadata import PreprocessCfg, Vocabulary, sha256_file
 
 from .layers import DEFAULT_LAYERS
-from .support import all_models, model_support
+from .support import model_support
 from .text_tokenizer import load_tokenizer
 from .vit import ViTConfig
 
@@ -42,7 +42,6 @@ __all__ = [
     "ModelDefaults",
     "LoadedModel",
     "default_layer_spec",
-    "list_vit_models",
     "load_openclip",
     "wrap_openclip",
     "describe_vit",
@@ -115,11 +114,6 @@ class LoadedModel:
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().item())
-
-
-def list_vit_models() -> list[str]:
-    """open_clip model names whose image tower this exporter supports (see support.py)."""
-    return [name for name, support in all_models() if support.supported]
 
 
 def _suggest(name: str) -> str:

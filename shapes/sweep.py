@@ -46,7 +46,14 @@ def _train_command(name: str, fields: dict, out: Path, device: str) -> list[str]
 
 def _evaluate(folder: Path, cases: Path, layers: str) -> dict:
     scores = folder / f"scores{layers}.json"
-    command = [sys.executable, "-m", "legrad_export.evaluate", str(cases), "--model", f"local-dir:{folder}"]
+    command = [
+        sys.executable,
+        "-m",
+        "legrad_export.evaluate_cli",
+        str(cases),
+        "--model",
+        f"local-dir:{folder}",
+    ]
     done = subprocess.run(
         command + ["--layers", layers, "--json", str(scores)], capture_output=True, text=True
     )

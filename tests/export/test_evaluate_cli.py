@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from legrad_export.evaluate import METHODS, main
+from legrad_export.evaluate import METHODS
+from legrad_export.evaluate_cli import main
 from legrad_export.load import load_openclip
 from legrad_export.reference import legrad_reference
 from legrad_runtime.evaluation import load_mask
