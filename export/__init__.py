@@ -1,4 +1,4 @@
-"""legrad_export: OpenCLIP ViT + LeGrad → one ONNX graph, and the autograd reference (torch side).
+"""legrad_export: a ViT image tower + LeGrad → one ONNX graph, and the autograd reference (torch side).
 
 Importing the package is light: torch and open_clip load on first use of a name below, so the CLIs
 check their arguments (and answer Ctrl-C) before paying for the torch import.

@@ -1,4 +1,4 @@
-"""`legrad-export`: an OpenCLIP ViT → a model folder the torch-free runtime loads.
+"""`legrad-export`: an OpenCLIP ViT or SigLIP tower → a model folder the torch-free runtime loads.
 
     legrad-export --model ViT-B-16 --pretrained laion2b_s34b_b88k --image-size 448 --out models/
 
@@ -32,7 +32,7 @@ PROG = "legrad-export"
 
 _STAGE_TEXT = {
     "load": "load the open_clip model",
-    "build": "rebuild the ViT with explicit attention",
+    "build": "rebuild the image tower with explicit attention",
     "trace": "trace the image and text graphs to ONNX",
     "check": "check the graphs and verify them against the reference",
     "write": "write tokenizer, metadata and checksums",
@@ -42,7 +42,7 @@ _STAGE_TEXT = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="legrad-export",
-        description="Export an OpenCLIP ViT with LeGrad as ONNX graphs plus metadata.",
+        description="Export an OpenCLIP ViT or SigLIP model with LeGrad as ONNX graphs plus metadata.",
     )
     p.add_argument("--model", help="open_clip model name (e.g. ViT-B-16), or local-dir:PATH")
     p.add_argument(
@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
+    p.add_argument(
+        "--no-correction",
+        action="store_true",
+        help="SigLIP-style (MAP-head) towers: turn off the authors' empty-prompt correction (on by default)",
+    )
+    p.add_argument(
+        "--correction-threshold",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="the correction zeroes cells where the empty prompt's map exceeds T, in (0, 1] (default 0.8)",
+    )
     add_loading_options(p)
     p.add_argument(
         "--list-models",
@@ -140,6 +152,8 @@ def _export(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.model:
         raise ExportError("--model is required (e.g. --model ViT-B-16); see --list-models")
+    if not 0 < args.correction_threshold <= 1:
+        raise ExportError(f"--correction-threshold {args.correction_threshold} must be in (0, 1]")
     if args.image_size is not None and args.image_size <= 0:
         raise ExportError(f"--image-size {args.image_size} must be a positive multiple of the patch size")
     try:
@@ -161,6 +175,8 @@ def _export(args: argparse.Namespace) -> int:
             resize_mode=args.resize_mode,
             verify=not args.no_verify,
             overwrite=args.overwrite,
+            correction=not args.no_correction,
+            correction_threshold=args.correction_threshold,
         )
         folder = export_model(loaded, out, settings, on_stage=stages)
         ok = True

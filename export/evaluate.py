@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legrad_runtime.errors import ExportError
 from legrad_runtime.evaluation import (
     Case,
     Evaluation,
@@ -97,6 +98,11 @@ def compute_heatmaps(
     `on_progress(done, total)` is called after each forward, counting images (an image with very
     many prompts counts once per forward it needs).
     """
+    if loaded.vit.explains_head:
+        raise ExportError(
+            f"legrad-evaluate scores token-mean towers (CLIP ViTs such as ViT-B-16) next to their "
+            f"CLS-attention baselines; {loaded.model_name} is a MAP-head tower, not supported there yet"
+        )
     cfg = loaded.preprocess_cfg(image_size, resize_mode)
     legrad = build_image_graph(loaded, image_size, layers)
     vit = legrad.vit

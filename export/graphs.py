@@ -8,15 +8,45 @@ import torch
 import torch.nn as nn
 
 from .legrad import LeGrad
+from .legrad_map import MapLeGrad
 from .load import LoadedModel, visual_state_dict
 from .vit import ExplicitViT
 
-__all__ = ["TextGraph", "build_image_graph", "example_image_inputs"]
+__all__ = [
+    "EMPTY_PROMPT",
+    "DEFAULT_THRESHOLD",
+    "TextGraph",
+    "build_image_graph",
+    "empty_prompt_embed",
+    "example_image_inputs",
+]
+
+EMPTY_PROMPT = "a photo of a"  # the authors' empty prompt of the SigLIP correction
+DEFAULT_THRESHOLD = 0.8
 
 
-def build_image_graph(loaded: LoadedModel, image_size: int, layers: tuple[int, ...]) -> LeGrad:
-    """(pixel_values, text_embeds) → (heatmaps, layer_maps, image_embeds), from copied weights."""
-    return LeGrad(ExplicitViT(loaded.vit, visual_state_dict(loaded), image_size), layers).eval()
+def empty_prompt_embed(loaded: LoadedModel, prompt: str = EMPTY_PROMPT) -> torch.Tensor:
+    """The model's own normalised text embedding of the correction's empty prompt, (E,)."""
+    with torch.no_grad():
+        return loaded.model.encode_text(loaded.tokenizer([prompt]), normalize=True)[0]
+
+
+def build_image_graph(
+    loaded: LoadedModel,
+    image_size: int,
+    layers: tuple[int, ...],
+    correction: bool = True,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> LeGrad | MapLeGrad:
+    """(pixel_values, text_embeds) → (heatmaps, layer_maps, image_embeds), from copied weights.
+
+    `correction` and `threshold` apply to MAP-head towers (SigLIP's empty-prompt correction).
+    """
+    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded), image_size)
+    if loaded.vit.explains_head:
+        empty = empty_prompt_embed(loaded) if correction else None
+        return MapLeGrad(vit, layers, empty, threshold).eval()
+    return LeGrad(vit, layers).eval()
 
 
 class TextGraph(nn.Module):

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan
 
-from .vit import Block, BlockTrace, ExplicitViT, act_derivative
+from .ops import activation_derivative
+from .vit import Block, BlockTrace, ExplicitViT
 
 __all__ = ["LeGrad", "BackwardWeights", "LayerPrep", "prepare_layer", "prompt_map", "min_max", "upsample"]
 
@@ -87,11 +88,12 @@ def prepare_layer(vit: ExplicitViT, block: Block, weights: BackwardWeights, trac
     """The prompt-independent part of one layer's backward, for every image."""
     D = trace.z.shape[-1]
     u = trace.z.mean(1)  # (B, D)
-    u_hat, u_rstd = vit.ln_post.normalize(u)
-    f = vit.ln_post(u) @ vit.proj  # (B, E)
+    head = vit.head
+    u_hat, u_rstd = head.ln_post.normalize(u)
+    f = head.ln_post(u) @ head.proj  # (B, E)
     f_norm = f.norm(dim=-1, keepdim=True)  # (B, 1)
     mid_hat, mid_rstd = block.ln_2.normalize(trace.x_mid)  # (B, N, D), (B, N, 1)
-    a = mid_rstd * act_derivative(trace.pre, vit.cfg.activation)  # (B, N, M)
+    a = mid_rstd * activation_derivative(trace.pre, vit.cfg.activation)  # (B, N, M)
     q = a * ((trace.pre - weights.pre_offset) / D)  # (B, N, M)
     w = mid_hat @ weights.wo_g1  # (B, N, D)
     v = trace.v[:, :, 1:].transpose(-1, -2)  # (B, H, dh, N-1): CLS column dropped
@@ -108,7 +110,7 @@ def prompt_map(
     # score s = t · f̂ and its gradient w.r.t. f; back through LN_post and the token mean
     s = prep.f_hat @ text_embed  # (B,)
     g_f = (text_embed - s.unsqueeze(-1) * prep.f_hat) / prep.f_norm  # (B, E)
-    g_u = vit.ln_post.backward(g_f @ vit.proj.T, prep.u_hat, prep.u_rstd)  # (B, D)
+    g_u = vit.head.ln_post.backward(g_f @ vit.head.proj.T, prep.u_hat, prep.u_rstd)  # (B, D)
     g_z = g_u / N  # (B, D): the same gradient reaches every token
 
     # back through the MLP, LN_2 and the output projection (folded, see the module docstring)
@@ -128,6 +130,10 @@ class LeGrad(nn.Module):
         super().__init__()
         if not layers:
             raise ValueError("LeGrad needs at least one layer")
+        if vit.image_size % vit.cfg.patch_size:
+            raise ValueError(
+                f"image size {vit.image_size} is not divisible by the patch size {vit.cfg.patch_size}"
+            )
         bad = [i for i in layers if not 0 <= i < vit.cfg.num_layers]
         if bad:
             raise ValueError(f"layers {bad} out of range for a {vit.cfg.num_layers}-block model")
@@ -139,7 +145,7 @@ class LeGrad(nn.Module):
         self, pixel_values: torch.Tensor, text_embeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, traces = self.vit.forward_traced(pixel_values, self.layers)
-        image_embeds = F.normalize(self.vit.pool_project(tokens), dim=-1)  # (B, E)
+        image_embeds = F.normalize(self.vit.head(tokens), dim=-1)  # (B, E)
         preps = [
             prepare_layer(self.vit, self.vit.blocks[i], weights, trace)
             for i, weights, trace in zip(self.layers, self.backward_weights, traces)

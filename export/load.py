@@ -26,7 +26,6 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from safetensors import SafetensorError
 
 from legrad_runtime.errors import ExportError, UnsupportedModelError
@@ -35,7 +34,7 @@ from legrad_runtime.metadata import PreprocessCfg, Vocabulary, sha256_file
 from .layers import DEFAULT_LAYERS
 from .support import model_support
 from .text_tokenizer import load_tokenizer
-from .vit import ViTConfig
+from .towers import TowerSpec, canonical_state_dict, describe_tower
 
 __all__ = [
     "DEFAULTS_FILE",
@@ -44,7 +43,7 @@ __all__ = [
     "default_layer_spec",
     "load_openclip",
     "wrap_openclip",
-    "describe_vit",
+    "visual_state_dict",
 ]
 
 OPEN_CLIP_VERSION = open_clip.__version__
@@ -100,7 +99,7 @@ class LoadedModel:
     model_name: str
     pretrained: str  # tag, checkpoint file name, or 'none'
     checkpoint_sha256: str | None
-    vit: ViTConfig
+    vit: TowerSpec  # the image tower, described by its family's adapter (towers/)
     preprocess: dict[str, Any]  # open_clip's preprocess cfg: size, mean, std, interpolation, resize_mode
     tokenizer: Any  # open_clip tokenizer (callable: list[str] -> LongTensor)
     context_length: int
@@ -114,6 +113,12 @@ class LoadedModel:
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().item())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's learnt bias of the per-pair sigmoid; None for softmax (CLIP) models."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.item())
 
 
 def _suggest(name: str) -> str:
@@ -257,55 +262,6 @@ def _explain_load_failure(model_name: str, pretrained: str, value: str | None, e
     return ExportError(f"could not build {model_name}: {type(exc).__name__}: {text[:300]}")
 
 
-def describe_vit(model: nn.Module, model_name: str = "model") -> ViTConfig:
-    """Architecture facts of a CLIP image tower; UnsupportedModelError if LeGrad cannot explain it."""
-    visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__ if visual is not None else "no image tower"
-        raise UnsupportedModelError(
-            f"{model_name}'s image tower is {kind}, not an OpenCLIP VisionTransformer; "
-            "LeGrad export supports ViT towers such as ViT-B-16 (ResNet, ConvNeXt and timm towers are not)"
-        )
-    if visual.attn_pool is not None:
-        raise UnsupportedModelError(
-            f"{model_name} pools with an attentional pooler (CoCa); not supported yet"
-        )
-    blocks = list(visual.transformer.resblocks)
-    odd = {type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock}
-    if odd:
-        raise UnsupportedModelError(
-            f"{model_name} uses {', '.join(sorted(odd))} blocks (qk-norm / scaled-cosine attention); "
-            "LeGrad export supports standard ResidualAttentionBlock towers"
-        )
-    act = blocks[0].mlp.gelu
-    if isinstance(act, QuickGELU):
-        activation = "quick_gelu"
-    elif isinstance(act, nn.GELU) and act.approximate == "none":
-        activation = "gelu"
-    else:
-        raise UnsupportedModelError(f"{model_name} uses activation {act!r}; expected GELU or QuickGELU")
-    if visual.pool_type not in ("tok", "avg") or visual.proj is None:
-        raise UnsupportedModelError(f"{model_name} has pool_type {visual.pool_type!r} or no projection")
-    patch_h, patch_w = visual.patch_size
-    grid_h, grid_w = visual.grid_size
-    if patch_h != patch_w or grid_h != grid_w:
-        raise UnsupportedModelError(
-            f"{model_name} has non-square patches or grid; only square ones supported"
-        )
-    return ViTConfig(
-        width=visual.transformer.width,
-        heads=blocks[0].attn.num_heads,
-        num_layers=len(blocks),
-        patch_size=patch_h,
-        native_grid=grid_h,
-        embed_dim=visual.proj.shape[1],
-        activation=activation,
-        pool_type=visual.pool_type,
-        final_ln_after_pool=bool(visual.final_ln_after_pool),
-        eps=blocks[0].ln_1.eps,
-    )
-
-
 def wrap_openclip(
     model: nn.Module,
     model_name: str,
@@ -316,7 +272,7 @@ def wrap_openclip(
     defaults: ModelDefaults = ModelDefaults(),
 ) -> LoadedModel:
     """Describe an already-built open_clip model (not copied, never modified) for export."""
-    vit = describe_vit(model, model_name)
+    vit = describe_tower(model, model_name)
     if tokenizer is None:
         tokenizer = open_clip.get_tokenizer(model_name)
     pre = dict(get_model_preprocess_cfg(model))
@@ -346,5 +302,5 @@ def default_layer_spec(loaded: LoadedModel) -> str:
 
 
 def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """The image tower's tensors by state-dict name (views; the exporter copies what it keeps)."""
-    return dict(loaded.model.visual.state_dict())
+    """The image tower's tensors under the canonical names (views; the exporter copies what it keeps)."""
+    return canonical_state_dict(loaded.model, loaded.vit)

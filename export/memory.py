@@ -2,11 +2,13 @@
 
 Refused up front with the estimate, instead of a 60 GB allocation minutes in. Counted in float32:
 
-- always: the positional embedding resampled to N = (S / patch)² + 1 tokens (N × width) and the
-  example images (batch × 3 × S²);
-- when the graph runs (verification, evaluation): the autograd reference keeps every block's
-  attention for its backward, and the analytic graph holds a few more per block, so about
-  batch × heads × N² × (layers + 4) values, plus the token stream (batch × N × 4·width per block).
+- always: the positional embedding resampled to N = (S / patch)² + prefix tokens (N × width) and
+  the example images (batch × 3 × S²);
+- when the graph runs (verification, evaluation): for towers whose blocks' attention is explained
+  (CLIP), the autograd reference keeps every block's attention for its backward, and the analytic
+  graph holds a few more per block, so about batch × heads × N² × (layers + 4) values; for MAP-head
+  towers (SigLIP) only one block's attention exists at a time (batch × heads × N² × 4); plus the
+  token stream (batch × N × 4·width per block).
 
 It is an estimate, meant to catch sizes that cannot work (ViT-B-16 at 448 px needs about 1 GB,
 at 896 px about 16 GB; at 100000 px, petabytes), not to plan batch sizes.
@@ -18,16 +20,16 @@ import os
 
 from legrad_runtime.errors import ExportError
 
-from .vit import ViTConfig
+from .towers import TowerSpec
 
 __all__ = ["estimate_bytes", "available_bytes", "check_fits"]
 
 
-def estimate_bytes(vit: ViTConfig, size: int, batch: int, runs_graph: bool) -> int:
-    tokens = (size // vit.patch_size) ** 2 + 1
+def estimate_bytes(vit: TowerSpec, size: int, batch: int, runs_graph: bool) -> int:
+    tokens = vit.tokens(size // vit.patch_size)
     values = tokens * vit.width + batch * 3 * size * size
     if runs_graph:
-        values += batch * vit.heads * tokens**2 * (vit.num_layers + 4)
+        values += batch * vit.heads * tokens**2 * (4 if vit.explains_head else vit.num_layers + 4)
         values += batch * tokens * 4 * vit.width * vit.num_layers
     return 4 * values
 
@@ -47,11 +49,11 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_fits(vit: ViTConfig, model_name: str, size: int, batch: int, runs_graph: bool) -> None:
+def check_fits(vit: TowerSpec, model_name: str, size: int, batch: int, runs_graph: bool) -> None:
     """ExportError with the estimate when `size` cannot fit in the memory available now."""
     need, have = estimate_bytes(vit, size, batch, runs_graph), available_bytes()
     if have is not None and need > have:
-        tokens = (size // vit.patch_size) ** 2 + 1
+        tokens = vit.tokens(size // vit.patch_size)
         raise ExportError(
             f"image size {size} needs about {need / 1e9:,.1f} GB for {model_name} ({tokens:,} tokens, "
             f"batch {batch}), but this machine has {have / 1e9:.1f} GB available; use a smaller "

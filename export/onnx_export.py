@@ -29,14 +29,16 @@ from legrad_runtime.metadata import (
     METADATA_FILE,
     ONNX_METADATA_KEY,
     TEXT_GRAPH,
+    CorrectionCfg,
     FileEntry,
     GraphSpec,
     ModelMetadata,
+    TowerCfg,
     sha256_file,
 )
 from legrad_runtime.session import PROMPT_LOOP_KEY
 
-from .graphs import TextGraph, build_image_graph, example_image_inputs
+from .graphs import DEFAULT_THRESHOLD, EMPTY_PROMPT, TextGraph, build_image_graph, example_image_inputs
 from .layers import resolve_layers
 from .load import OPEN_CLIP_VERSION, LoadedModel, default_layer_spec
 from .memory import check_fits
@@ -55,6 +57,8 @@ class ExportSettings:
     resize_mode: str = "squash"  # how the runtime fits images to the square input (LeGrad's demos squash)
     verify: bool = True
     overwrite: bool = False
+    correction: bool = True  # MAP-head towers: the authors' empty-prompt correction
+    correction_threshold: float = DEFAULT_THRESHOLD
 
 
 def model_folder_name(loaded: LoadedModel, image_size: int) -> str:
@@ -74,12 +78,22 @@ def check_output_root(out_root: Path) -> None:
 def resolve_image_size(
     loaded: LoadedModel, image_size: int | None, batch: int = 2, runs_graph: bool = True
 ) -> int:
-    """The export size: the model's own when None; a positive multiple of the patch that fits in memory."""
-    size = loaded.preprocess["size"] if image_size is None else image_size
+    """The export size: the model's own when None; a positive multiple of the patch that fits in memory.
+
+    A MAP-head tower's own size may be no multiple of its patch (SO400M-14 at 384): it is kept, and
+    the model sees the 27×27 patches that fit, as it was trained.
+    """
+    native = loaded.preprocess["size"]
+    size = native if image_size is None else image_size
     patch = loaded.vit.patch_size
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ExportError(f"image size {size!r} must be a positive multiple of the patch size {patch}")
-    if size % patch:
+    if loaded.vit.rope and size != native:
+        raise ExportError(
+            f"{loaded.model_name} exports at its own size {native} only: its RoPE table is built for "
+            f"the {loaded.vit.native_grid}×{loaded.vit.native_grid} grid (drop --image-size)"
+        )
+    if size % patch and not (size == native and loaded.vit.explains_head):
         lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
         raise ExportError(
             f"image size {size} is not a positive multiple of {loaded.model_name}'s patch size {patch}; "
@@ -149,6 +163,8 @@ def export_model(
         spec = default_layer_spec(loaded) if settings.layers is None else settings.layers
         layers = resolve_layers(spec, loaded.vit.num_layers)
         preprocess = loaded.preprocess_cfg(size, settings.resize_mode)
+        if loaded.vit.explains_head and not 0 < settings.correction_threshold <= 1:
+            raise ValueError(f"correction threshold {settings.correction_threshold} must be in (0, 1]")
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     target = out_root / model_folder_name(loaded, size)
@@ -159,9 +175,17 @@ def export_model(
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is meant to be shared
     try:
         stage("build")
-        image_graph = build_image_graph(loaded, size, layers)
+        image_graph = build_image_graph(
+            loaded, size, layers, settings.correction, settings.correction_threshold
+        )
         text_graph = TextGraph(loaded)
         grid = size // loaded.vit.patch_size
+        tower = loaded.vit
+        correction = (
+            CorrectionCfg(settings.correction, EMPTY_PROMPT, settings.correction_threshold)
+            if tower.explains_head
+            else None
+        )
 
         stage("trace")
         image_proto = _trace(image_graph, example_image_inputs(size, loaded.vit.embed_dim, 2, 2), IMAGE_GRAPH)
@@ -186,13 +210,16 @@ def export_model(
             heads=loaded.vit.heads,
             embed_dim=loaded.vit.embed_dim,
             logit_scale=loaded.logit_scale,
+            logit_bias=loaded.logit_bias,
             activation=loaded.vit.activation,
+            tower=TowerCfg(tower.family, tower.head, tower.prefix_tokens, (grid, grid)),
+            correction=correction,
             preprocess=preprocess,
             tokenizer=write_tokenizer(loaded, tmp),
             vocabulary=loaded.defaults.vocabulary,
             extra={
                 "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                PROMPT_LOOP_KEY: True,  # the image graph scans over prompts: memory flat in P
+                PROMPT_LOOP_KEY: True,  # per-prompt memory is flat in P (a scan; MAP heads: tiny per prompt)
             },
         )
 
@@ -201,7 +228,15 @@ def export_model(
         _save(image_proto, tmp / IMAGE_GRAPH.filename, embedded, _param_bytes(image_graph))
         _save(text_proto, tmp / TEXT_GRAPH.filename, embedded, _param_bytes(text_graph))
         if settings.verify:
-            diffs = verify_export(tmp, loaded, size, layers)
+            empty = getattr(image_graph, "empty_embed", None)
+            diffs = verify_export(
+                tmp,
+                loaded,
+                size,
+                layers,
+                empty_embed=None if empty is None else empty[0],
+                threshold=settings.correction_threshold,
+            )
             meta = replace(meta, extra={**meta.extra, "verification_max_abs_diff": diffs})
 
         stage("write")

@@ -1,4 +1,4 @@
-"""The autograd LeGrad reference for MAP-head towers (SigLIP through timm), as the authors compute it.
+"""The autograd LeGrad reference for MAP-head towers (SigLIP, PE-Core via timm), as the authors compute it.
 
 The semantics are `../shared/design/legrad.md`, "Pooling heads other than the token mean": for each
 explained block l, its output z_l (no final norm) goes through the tower's MAP head again; the
@@ -12,6 +12,10 @@ own modules in order, and the head's own submodules with the softmax written out
 tensor autograd differentiates against. Nothing is patched or hooked. At another input size the
 positional embedding is resampled into a new tensor as timm's `dynamic_img_size` does (bicubic,
 antialiased), which is what the authors' wrapper switches on.
+
+PE-Core (a timm `Eva` trunk, which the authors' code does not handle) follows the same rule with
+what its trunk adds (docs/towers.md): a class token, whose column is dropped; RoPE in the blocks,
+at the native size only (timm caches its table for that grid); and a Linear after the pool.
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ def map_head_with_attention(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return pooled, attn
 
 
+def _embed_eva(trunk, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PE-Core (timm Eva): class token (if any) and patch tokens with positions, and the RoPE table."""
+    if tuple(pixel_values.shape[-2:]) != tuple(trunk.patch_embed.img_size):
+        raise ValueError(
+            f"this Eva trunk's RoPE table is cached for {trunk.patch_embed.img_size} px input only"
+        )
+    x = trunk.patch_embed(pixel_values)  # (B, g·g, D)
+    if trunk.cls_token is not None:  # PE-Core-bigG has none
+        x = torch.cat([trunk.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    x = x + trunk.pos_embed
+    return trunk.norm_pre(trunk.pos_drop(x)), trunk.rope.get_embed()
+
+
 def _embed(trunk, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch tokens (B, N, D) with positions, as the trunk makes them, at any multiple of the patch."""
     if trunk.cls_token is not None or getattr(trunk, "reg_token", None) is not None:
@@ -65,17 +82,19 @@ def _min_max(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-def _layer_maps(pool, tokens: list[torch.Tensor], text: torch.Tensor, grid: int) -> torch.Tensor:
+def _layer_maps(trunk, tokens: list[torch.Tensor], text: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, P, L, g, g): E_l,p for each explained block's tokens and each prompt embedding."""
     per_layer = []
+    prefix = trunk.num_prefix_tokens  # PE-Core's class token: its column is dropped
     for z in tokens:
         z = z.detach().requires_grad_(False)
-        pooled, attn = map_head_with_attention(pool, z)
+        pooled, attn = map_head_with_attention(trunk.attn_pool, z)
+        pooled = trunk.head(trunk.fc_norm(pooled))  # identities for SigLIP; PE-Core's projection
         scores = F.normalize(pooled, dim=-1) @ text.T  # (B, P)
         maps = []
         for p in range(text.shape[0]):  # one prompt at a time, as the authors' code is called
             (grad,) = torch.autograd.grad(scores[:, p].sum(), attn, retain_graph=True)
-            maps.append(grad.clamp(min=0).mean(dim=1)[:, 0])  # (B, N): heads averaged, the one query
+            maps.append(grad.clamp(min=0).mean(dim=1)[:, 0, prefix:])  # (B, g·g): heads averaged, one query
         per_layer.append(torch.stack(maps, dim=1).reshape(z.shape[0], text.shape[0], grid, grid))
     return torch.stack(per_layer, dim=2)
 
@@ -93,20 +112,22 @@ def legrad_reference_siglip(
     used = resolve_layers(layers, len(trunk.blocks))
     patch = trunk.patch_embed.patch_size[0]
     grid = pixel_values.shape[-1] // patch
+    eva = trunk.__class__.__name__ == "Eva"
     with torch.no_grad():
-        x = _embed(trunk, pixel_values)
+        x, rope = _embed_eva(trunk, pixel_values) if eva else (_embed(trunk, pixel_values), None)
         tokens = []
         for i, block in enumerate(trunk.blocks):
-            x = block(x)
+            x = block(x, rope=rope) if eva else block(x)
             if i in used:
                 tokens.append(x)
         image_embeds = F.normalize(model.visual.head(trunk.forward_head(trunk.norm(x))), dim=-1)
     with torch.enable_grad():
-        layer_maps = _layer_maps(trunk.attn_pool, tokens, text_embeds, grid)
+        layer_maps = _layer_maps(trunk, tokens, text_embeds, grid)
         summed = layer_maps.sum(dim=2)  # (B, P, g, g)
         if empty_embed is not None:
-            empty = _layer_maps(trunk.attn_pool, tokens, empty_embed.reshape(1, -1), grid).sum(dim=2)
+            empty = _layer_maps(trunk, tokens, empty_embed.reshape(1, -1), grid).sum(dim=2)
             summed = summed.masked_fill(_min_max(empty) > threshold, 0.0)
-    size = pixel_values.shape[-1]
-    heatmaps = F.interpolate(_min_max(summed), size=(size, size), mode="bilinear", align_corners=False)
+    size, covered = pixel_values.shape[-1], grid * patch  # the patches may leave a strip uncovered
+    heatmaps = F.interpolate(_min_max(summed), size=(covered, covered), mode="bilinear", align_corners=False)
+    heatmaps = F.pad(heatmaps, (0, size - covered, 0, size - covered))
     return LeGradOutput(heatmaps.detach(), layer_maps.detach(), image_embeds.detach(), used)

@@ -48,9 +48,9 @@ def _timm_family(timm_name: str, pool: str | None) -> Support:
     if timm_name.startswith("eva"):
         return Support("timm EVA", False, f"EVA blocks (RoPE, SwiGLU); {_PLANNED}")
     if timm_name.startswith("vit_pe_core"):
-        return Support("timm PE-Core", False, f"a MAP attention-pool head and 2-D RoPE; {_PLANNED}")
+        return Support("timm PE-Core", True, "native size only: its RoPE table is built for that grid")
     if pool == "map":
-        return Support("timm SigLIP ViT", False, f"a MAP attention-pool head and no CLS token; {_PLANNED}")
+        return Support("timm SigLIP ViT", True)
     return Support("timm ViT", False, f"a timm ViT tower (MobileCLIP, relpos, GAP); {_PLANNED}")
 
 
@@ -64,17 +64,25 @@ def model_support(model_name: str) -> Support:
     if isinstance(vision.get("layers"), (list, tuple)):
         return Support("ResNet", False, f"a convolutional (ModifiedResNet) tower: {_NO_PATCH_ATTENTION}")
     if vision.get("timm_model_name"):
-        return _timm_family(vision["timm_model_name"], vision.get("timm_pool"))
+        support = _timm_family(vision["timm_model_name"], vision.get("timm_pool"))
+        if not support.supported:
+            return support
+        return Support(support.family, True, "; ".join(n for n in (support.reason, _text_note(text)) if n))
     if "multimodal_cfg" in cfg or vision.get("attentional_pool"):
         return Support("CoCa", False, f"an attentional-pooler head; {_PLANNED}")
     custom = [k for k in ("qk_norm", "scaled_cosine_attn", "scale_attn") if vision.get(k)]
     if custom:
         return Support("OpenCLIP ViT", False, f"{', '.join(custom)} attention blocks; {_PLANNED}")
+    return Support("OpenCLIP ViT", True, _text_note(text))
+
+
+def _text_note(text: dict) -> str:
+    """What exporting needs to know about the text side: a Hugging Face tower or tokenizer."""
     if text.get("hf_model_name"):
-        return Support("OpenCLIP ViT", True, "Hugging Face text tower: its config comes from the Hub")
+        return "Hugging Face text tower: its config comes from the Hub"
     if text.get("hf_tokenizer_name"):
-        return Support("OpenCLIP ViT", True, "Hugging Face tokenizer: offline, pass --tokenizer")
-    return Support("OpenCLIP ViT", True)
+        return "Hugging Face tokenizer: offline, pass --tokenizer"
+    return ""
 
 
 def pair_support(model_name: str, tag: str) -> Support:

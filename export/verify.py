@@ -16,15 +16,30 @@ from legrad_runtime.metadata import IMAGE_GRAPH, TEXT_GRAPH
 
 from .graphs import example_image_inputs
 from .load import LoadedModel
-from .reference import legrad_reference
+from .reference import LeGradOutput, legrad_reference
+from .reference_siglip import legrad_reference_siglip
 
-__all__ = ["VERIFY_PROMPTS", "verify_export"]
+__all__ = ["VERIFY_PROMPTS", "reference", "verify_export"]
 
 VERIFY_PROMPTS = ("a photo of a cat", "a remote control", "two dogs playing in the snow, at night!")
 
 
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def reference(
+    loaded: LoadedModel,
+    pixels: torch.Tensor,
+    text: torch.Tensor,
+    layers: tuple[int, ...],
+    empty_embed: torch.Tensor | None = None,
+    threshold: float = 0.8,
+) -> LeGradOutput:
+    """The autograd reference of the tower's kind; `empty_embed` turns on a MAP head's correction."""
+    if loaded.vit.explains_head:
+        return legrad_reference_siglip(loaded.model, pixels, text, layers, empty_embed, threshold)
+    return legrad_reference(loaded.model, pixels, text, layers)
 
 
 def verify_export(
@@ -34,13 +49,15 @@ def verify_export(
     layers: tuple[int, ...],
     batch: int = 2,
     prompts: int = 3,
+    empty_embed: torch.Tensor | None = None,
+    threshold: float = 0.8,
 ) -> dict[str, float]:
     """Max abs difference of every output; raises VerificationError if any exceeds its tolerance."""
     pixels, text = example_image_inputs(image_size, loaded.vit.embed_dim, batch, prompts, seed=1234)
     got = _session(folder / IMAGE_GRAPH.filename).run(
         IMAGE_GRAPH.output_names, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()}
     )
-    ref = legrad_reference(loaded.model, pixels, text, layers)
+    ref = reference(loaded, pixels, text, layers, empty_embed, threshold)
     expected = {"heatmaps": ref.heatmaps, "layer_maps": ref.layer_maps, "image_embeds": ref.image_embeds}
 
     ids = loaded.tokenizer(list(VERIFY_PROMPTS))

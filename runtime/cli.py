@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .cli_runner import EXIT_OK, EXIT_PARTIAL, add_max_pixels_option, max_pixels_from, run_main, say
 from .errors import LegradError
 from .files import ensure_output_folder, printable, safe_name
-from .metadata import ModelMetadata, read_metadata
+from .metadata import ModelMetadata, default_tower, read_metadata
 from .session import DEVICES, load
 from .visualize import COLORMAPS, save_png
 
@@ -178,17 +178,24 @@ def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[object]]) 
 def _summary(m: ModelMetadata) -> str:
     """The metadata for people; every string from the folder printed safely (no escapes, one line)."""
     pre, q = m.preprocess, printable
+    t = m.tower or default_tower(m.grid_size)  # never None: ModelMetadata fills it in
     lines = [
         f"model        {q(m.model_name)}  (pretrained: {q(m.pretrained)})",
         f"input        {m.image_size}×{m.image_size} px, patch {m.patch_size}, "
         f"grid {m.grid_size}×{m.grid_size}, resize {pre.resize_mode}/{pre.interpolation}",
         f"layers       {', '.join(map(str, m.layers))} of {m.num_layers}  (width {m.width}, {m.heads} heads, "
         f"{m.activation})",
-        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}; tokenizer {q(m.tokenizer.kind)}, "
-        f"context {m.tokenizer.context_length}",
+        f"tower        {q(t.family)}, head {q(t.head)}, "
+        f"{'a class token' if t.prefix_tokens else 'no class token'}",
+        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}"
+        + ("" if m.logit_bias is None else f", logit bias {m.logit_bias:.2f} (sigmoid scores)")
+        + f"; tokenizer {q(m.tokenizer.kind)}, context {m.tokenizer.context_length}",
         f"exported by  legrad-onnx {q(m.exporter_version)}, open_clip {q(m.open_clip_version)}, torch "
         f"{q(m.torch_version)}, opset {m.opset}; schema v{m.schema_version}",
     ]
+    if (c := m.correction) is not None:  # after the tower line
+        state = "on" if c.enabled else "off"
+        lines.insert(4, f"  correction {state}: empty prompt {q(c.prompt)!r}, threshold {c.threshold:g}")
     if m.vocabulary is not None:
         v = m.vocabulary
         slots = "; ".join(f"{q(name)}: {', '.join(map(q, values))}" for name, values in v.slots.items())

@@ -33,6 +33,11 @@ __all__ = [
     "PreprocessCfg",
     "TokenizerCfg",
     "HFSettings",
+    "TowerCfg",
+    "CorrectionCfg",
+    "TOWER_FAMILIES",
+    "TOWER_HEADS",
+    "default_tower",
     "FileEntry",
     "Vocabulary",
     "ModelMetadata",
@@ -44,15 +49,20 @@ __all__ = [
     "verify_files",
 ]
 
-SCHEMA_VERSION = 3  # v3: `tokenizer.hf` (Hugging Face tokenizers); v2: `vocabulary`; v1 and v2 still read
+SCHEMA_VERSION = 3  # v3: tokenizer.hf, tower, correction, logit_bias; v2: vocabulary; v1 and v2 still read
 METADATA_FILE = "legrad.json"
 ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, minus `files` and `extra`
 
 RESIZE_MODES = ("shortest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")  # open_clip's text cleaning, by name
-ACTIVATIONS = ("gelu", "quick_gelu")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")  # gelu_tanh: the tanh approximation (SigLIP's MLP)
 SIDES = ("right", "left")  # padding and truncation sides of a Hugging Face tokenizer
+TOWER_FAMILIES = ("openclip_vit", "timm_vit", "timm_eva")  # which exporter adapter read the image tower
+TOWER_HEADS = ("token_mean", "map")  # how the tower pools; see TowerCfg
+PREFIX_TOKENS = (0, 1)  # a class token or none
+DEFAULT_CORRECTION_PROMPT = "a photo of a"
+DEFAULT_CORRECTION_THRESHOLD = 0.8
 
 # limits on what a model folder may declare: far above any real model, low enough to be harmless
 MAX_METADATA_BYTES = 16 * 1024**2
@@ -164,6 +174,45 @@ class TokenizerCfg:
     files: tuple[str, ...]
     clean: str = "lower"
     hf: HFSettings | None = None
+
+
+@dataclass(frozen=True)
+class TowerCfg:
+    """The image tower's family and pooling (v3; older folders are OpenCLIP ViTs with a class token).
+
+    head 'token_mean': CLIP's pooling, LeGrad explains each block's self-attention. head 'map': a
+    MAP attention-pool head (SigLIP), LeGrad explains the head's attention (one query over the
+    tokens). `prefix_tokens`: 1 with a class token, 0 without. `grid`: (gh, gw) patches, square only.
+    """
+
+    family: str
+    head: str
+    prefix_tokens: int
+    grid: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.family not in TOWER_FAMILIES:
+            raise ValueError(f"unsupported tower family {self.family!r}; expected one of {TOWER_FAMILIES}")
+        if self.head not in TOWER_HEADS:
+            raise ValueError(f"unsupported tower head {self.head!r}; expected one of {TOWER_HEADS}")
+        if self.prefix_tokens not in PREFIX_TOKENS:
+            raise ValueError(f"tower prefix_tokens must be 0 or 1, not {self.prefix_tokens!r}")
+        if len(self.grid) != 2:
+            raise ValueError(f"tower grid must be (gh, gw), not {self.grid!r}")
+
+
+@dataclass(frozen=True)
+class CorrectionCfg:
+    """SigLIP LeGrad's empty-prompt correction (v3, head 'map' only): grid cells where the min-max
+    map of `prompt` (embedded at export) exceeds `threshold`, in (0, 1], are zeroed."""
+
+    enabled: bool
+    prompt: str = DEFAULT_CORRECTION_PROMPT
+    threshold: float = DEFAULT_CORRECTION_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"correction threshold must be in (0, 1], not {self.threshold!r}")
 
 
 @dataclass(frozen=True)
@@ -287,7 +336,14 @@ class ModelMetadata:
     files: dict[str, FileEntry] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     vocabulary: Vocabulary | None = None  # what the model knows, when its trainer said so (v2)
+    tower: TowerCfg | None = None  # v3; None becomes the OpenCLIP ViT default (see __post_init__)
+    correction: CorrectionCfg | None = None  # v3, head 'map' only: the empty-prompt correction
+    logit_bias: float | None = None  # v3: SigLIP's; probabilities are then per-pair sigmoids
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.tower is None:  # from before v3's `tower`: an OpenCLIP ViT, class token, CLIP pooling
+            object.__setattr__(self, "tower", default_tower(self.grid_size))
 
     def to_dict(self, *, embedded: bool = False) -> dict[str, Any]:
         """As JSON-ready dict; `embedded` drops what depends on the written files (files, extra)."""
@@ -326,6 +382,48 @@ class ModelMetadata:
             raise ModelFolderError(f"{source}: {exc}; re-export the model") from None
 
 
+def default_tower(grid_size: int) -> TowerCfg:
+    """The tower of a folder that does not name one: an OpenCLIP ViT with a class token."""
+    return TowerCfg("openclip_vit", "token_mean", 1, (grid_size, grid_size))
+
+
+def _parse_tower(data: Any, grid_size: int) -> TowerCfg:
+    if data is None:
+        return default_tower(grid_size)
+    t = Fields(data, "tower", [x.name for x in fields(TowerCfg)])
+    family = t.str("family", 40, choices=TOWER_FAMILIES)
+    head = t.str("head", 40, choices=TOWER_HEADS)
+    prefix = t.int("prefix_tokens", 0, 1)
+    grid = t.ints("grid", 1, MAX_IMAGE_SIZE, 2)
+    if len(grid) != 2:
+        raise FieldError("tower.grid", f"must be a list of 2 integers [gh, gw], got {show(list(grid))}")
+    if grid != (grid_size, grid_size):
+        raise FieldError(
+            "tower.grid",
+            f"must equal [grid_size, grid_size] = [{grid_size}, {grid_size}] (the runtime explains "
+            f"square grids only), got {show(list(grid))}",
+        )
+    return TowerCfg(family, head, prefix, (grid[0], grid[1]))
+
+
+def _parse_correction(data: Any, tower: TowerCfg) -> CorrectionCfg | None:
+    if data is None:
+        return None
+    c = Fields(data, "correction", [x.name for x in fields(CorrectionCfg)])
+    enabled = c.bool("enabled")
+    prompt = c.str("prompt", 300) if c.has("prompt") else DEFAULT_CORRECTION_PROMPT
+    if not prompt.strip():
+        raise FieldError("correction.prompt", "must not be empty")
+    threshold = c.number("threshold") if c.has("threshold") else DEFAULT_CORRECTION_THRESHOLD
+    if not 0 < threshold <= 1:
+        raise FieldError("correction.threshold", f"must be in (0, 1], got {show(threshold)}")
+    if enabled and tower.head != "map":
+        raise FieldError(
+            "correction", f"is for towers with head 'map' only, not {show(tower.head)}; set it to null"
+        )
+    return CorrectionCfg(enabled, prompt, threshold)
+
+
 def _parse_tokenizer(tok: Fields) -> TokenizerCfg:
     kind = tok.str("kind", 40)
     hf = None
@@ -360,9 +458,9 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
     image_size = f.int("image_size", 1, MAX_IMAGE_SIZE)
     patch_size = f.int("patch_size", 1, image_size)
     grid_size = f.int("grid_size", 1, image_size)
-    if grid_size * patch_size != image_size:
+    if grid_size != image_size // patch_size:  # the patch embedding floors (SO400M-14 at 384: 27)
         raise FieldError(
-            "grid_size", f"× patch_size must equal image_size ({grid_size}×{patch_size} ≠ {image_size})"
+            "grid_size", f"must be image_size // patch_size ({image_size} // {patch_size} ≠ {grid_size})"
         )
     num_layers = f.int("num_layers", 1, 1000)
     layers = f.ints("layers", 0, num_layers - 1, num_layers)
@@ -395,6 +493,9 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
             raise FieldError(f"files.{key}", f"lists path {show(path)} under another name")
         files[key] = FileEntry(path, entry.sha256("sha256"), entry.int("size_bytes", 0, 1 << 50))
     vocabulary = data.get("vocabulary")
+    tower = _parse_tower(data.get("tower"), grid_size)
+    correction = _parse_correction(data.get("correction"), tower)
+    logit_bias = None if data.get("logit_bias") is None else f.number("logit_bias")
     return ModelMetadata(
         model_name=f.str("model_name"),
         pretrained=f.str("pretrained"),
@@ -418,6 +519,9 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
         files=files,
         extra=f.object("extra", 1000) if f.has("extra") else {},
         vocabulary=None if vocabulary is None else Vocabulary.from_dict(vocabulary),
+        tower=tower,
+        correction=correction,
+        logit_bias=logit_bias,
         schema_version=version,
     )
 

@@ -33,6 +33,7 @@ from .metadata import (
     ModelFolder,
     ModelMetadata,
     PreprocessCfg,
+    default_tower,
 )
 from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
 from .tokenizer import load_tokenizer
@@ -74,6 +75,7 @@ class Explanation:
     logit_scale: float
     failures: list[ImageFailure]
     preprocess: PreprocessCfg  # how the images became the model's input
+    logit_bias: float | None = None  # SigLIP's (sigmoid loss); None for CLIP (softmax over prompts)
 
     @property
     def similarities(self) -> np.ndarray:
@@ -82,10 +84,20 @@ class Explanation:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """CLIP's zero-shot probabilities over the prompts, softmax(logit_scale · cos), (B, P)."""
+        """Zero-shot probabilities (B, P), as the model was trained.
+
+        Without a logit bias (CLIP, contrastive softmax loss): softmax over the prompts of
+        logit_scale · cos; each row sums to 1. With one (SigLIP, sigmoid loss): for each
+        (image, prompt) pair on its own, sigmoid(logit_scale · cos + logit_bias); rows need not
+        sum to 1, and every prompt may be likely or none.
+        """
         logits = self.logit_scale * self.similarities
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        if self.logit_bias is None:
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+        logits = logits + self.logit_bias
+        e = np.exp(-np.abs(logits))  # in (0, 1]: never overflows, for either sign
+        return np.where(logits >= 0, 1 / (1 + e), e / (1 + e))
 
     def heatmap_on_original(self, b: int, p: int) -> np.ndarray:
         """Heatmap of image b / prompt p mapped back onto the original image (H, W), crop undone."""
@@ -277,18 +289,38 @@ class LeGradModel:
     def chunk_sizes(self, num_prompts: int, batch_size: int | None, memory_budget: int) -> tuple[int, int]:
         """(images per call, prompts per call) whose graph intermediates fit the memory budget.
 
-        Counted in float32 with every explained layer alive. Per image: the forward (attention
-        and token stream), the per-layer traces the backward keeps (three token × MLP-width
-        tensors and four token × width ones), and one prompt's backward per layer (the attention
-        gradient, heads × N², twice for its ReLU, and the MLP's token × MLP-width gradient). Per
-        (image, prompt): the heatmap outputs and their normalisation temporaries. Graphs without
-        the prompt loop (older exports) hold every prompt's backward at once: per (image, prompt)
-        it is the attention gradient and a few token × width tensors per layer.
+        Counted in float32 with every explained layer alive; N = grid² + prefix tokens. Per image:
+        the forward (attention and token stream), the per-layer traces the backward keeps (three
+        token × MLP-width tensors and four token × width ones), and one prompt's backward per layer
+        (the attention gradient, heads × N², twice for its ReLU, and the MLP's token × MLP-width
+        gradient). Per (image, prompt): the heatmap outputs and their normalisation temporaries.
+        Graphs without the prompt loop (older exports) hold every prompt's backward at once: per
+        (image, prompt) it is the attention gradient and a few token × width tensors per layer.
+
+        MAP-head towers (SigLIP) explain the head's attention, one query over the N tokens: the
+        forward is the same, but each explained layer's trace is the head's keys and values (a few
+        token × width tensors and heads × N), and a prompt's backward through the head is
+        heads × N (twice for its ReLU) and a few width and MLP-width vectors, per layer. With the
+        empty-prompt correction, each image carries one prompt more.
         """
         m = self.metadata
-        n, d, layers, s2 = m.grid_size**2 + 1, m.width, len(m.layers), m.image_size**2
+        tower = m.tower or default_tower(m.grid_size)  # never None: ModelMetadata fills it in
+        n, d, layers, s2 = m.grid_size**2 + tower.prefix_tokens, m.width, len(m.layers), m.image_size**2
         hn2 = m.heads * n * n
-        if self.prompts_in_graph_loop:
+        if tower.head == "map":
+            hn = m.heads * n
+            trace = 4 * n * d + hn  # per explained layer: the head's normed input, keys, values, attention
+            backward = 2 * hn + 8 * d  # one prompt through the head, per layer
+            forward = 2 * hn2 + 16 * n * d + 3 * s2
+            if self.prompts_in_graph_loop:
+                per_image = 4 * (forward + layers * (trace + backward))
+                per_pair = 4 * (3 * s2 + 2 * layers * n)
+            else:
+                per_image = 4 * (forward + layers * trace)
+                per_pair = 4 * (3 * s2 + layers * (backward + 2 * n))
+            if m.correction is not None and m.correction.enabled:
+                per_image += per_pair  # the empty prompt rides along in every call
+        elif self.prompts_in_graph_loop:
             per_layer = 16 * n * d + 2 * hn2 + 4 * n * d + 3 * n * d  # traces + one prompt's backward
             per_image = 4 * (2 * hn2 + 16 * n * d + 3 * s2 + layers * per_layer)
             per_pair = 4 * (3 * s2 + 2 * layers * n)
@@ -388,6 +420,7 @@ class LeGradModel:
             prompts=list(names),
             layers=tuple(m.layers),
             logit_scale=m.logit_scale,
+            logit_bias=m.logit_bias,
             preprocess=m.preprocess,
             failures=failures,
         )
@@ -470,6 +503,7 @@ def _concat(parts: list[Explanation]) -> Explanation:
         prompts=first.prompts,
         layers=first.layers,
         logit_scale=first.logit_scale,
+        logit_bias=first.logit_bias,
         preprocess=first.preprocess,
         failures=[f for p in parts for f in p.failures],
     )

@@ -67,6 +67,12 @@ class Fields:
             raise FieldError(self.name(key), f"must be an integer in [{lo}, {hi}], got {show(value)}")
         return value
 
+    def bool(self, key: str) -> bool:
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            raise FieldError(self.name(key), f"must be true or false, got {show(value)}")
+        return value
+
     def number(self, key: str, positive: bool = False) -> float:
         value = self.raw(key)
         if not _is_number(value) or (positive and value <= 0):

@@ -1,9 +1,10 @@
 """Shared fixtures, torch-free: the runtime tests run in a venv without torch too.
 
-`model_folders` are exported tiny models, one per resize mode, and one ("hf") whose tokenizer is a
-Hugging Face one. In the lean CI venv they come from
-LEGRAD_TEST_MODEL_DIR (exported earlier in the same CI run by `python tests/tiny_models.py DIR`);
-elsewhere they are exported here, which needs torch.
+`model_folders` are exported tiny models, one per resize mode, one ("hf") whose tokenizer is a
+Hugging Face one, a tiny SigLIP ("siglip": MAP head, no class token, sigmoid scores) and
+a tiny PE-Core ("pe_core": MAP head after a class token and RoPE, softmax scores). In the
+lean CI venv they come from LEGRAD_TEST_MODEL_DIR (exported earlier in the same CI run by
+`python tests/tiny_models.py DIR`); elsewhere they are exported here, which needs torch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
     env = os.environ.get("LEGRAD_TEST_MODEL_DIR")
     if env:
         root = Path(env)
-        return {mode: next((root / mode).iterdir()) for mode in ("squash", "shortest", "hf")}
+        return {
+            mode: next((root / mode).iterdir()) for mode in ("squash", "shortest", "hf", "siglip", "pe_core")
+        }
     pytest.importorskip("torch", reason="set LEGRAD_TEST_MODEL_DIR or install the export extra")
     from tiny_models import export_runtime_folders
 

@@ -131,6 +131,162 @@ def save_tiny_hf_text_model(root: Path, kind: str, seed: int = 0, with_tokenizer
     return folder
 
 
+# SigLIP-style towers: a timm VisionTransformer with a MAP head and no class token, shrunk. open_clip
+# builds timm trunks by registered name only, so the tiny trunks are registered with timm (once).
+SIGLIP_VARIANTS = {
+    # ViT-B-16-SigLIP: exact GELU, MLP ratio 4, its Unigram (sentencepiece) tokenizer
+    "siglip": dict(image_size=48, patch_size=8, mlp_ratio=4.0, act_layer="gelu", tokenizer="unigram"),
+    # ViT-SO400M-16-SigLIP2: tanh GELU, MLP ratio 3.7362, a BPE (Gemma) tokenizer
+    "siglip2": dict(image_size=64, patch_size=16, mlp_ratio=3.7362, act_layer="gelu_tanh", tokenizer="bpe"),
+}
+
+
+def _register_tiny_siglip_trunks() -> None:
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    for variant, v in SIGLIP_VARIANTS.items():
+        name = f"legrad_tiny_{variant}"
+        if name in timm.list_models(name):
+            continue
+        args = dict(
+            img_size=v["image_size"],
+            patch_size=v["patch_size"],
+            embed_dim=64,
+            depth=3,
+            num_heads=4,
+            mlp_ratio=v["mlp_ratio"],
+            act_layer=v["act_layer"],
+            class_token=False,
+            global_pool="map",
+        )
+
+        def build(pretrained: bool = False, _name=name, _args=args, **kwargs):
+            return _create_vision_transformer(_name, pretrained=False, **dict(_args, **kwargs))
+
+        build.__name__ = name
+        register_model(build)
+
+    if "legrad_tiny_pe_core" not in timm.list_models("legrad_tiny_pe_core"):
+        register_model(legrad_tiny_pe_core)
+
+
+def legrad_tiny_pe_core(pretrained: bool = False, **kwargs):
+    """PE-Core-T's trunk (timm Eva: class token, 2-D RoPE, MAP head, a Linear after it), shrunk, with
+    LayerScale as the larger PE configs allow."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+    from timm.models.eva import _create_eva
+
+    args = dict(
+        img_size=64,
+        patch_size=16,
+        embed_dim=64,
+        depth=3,
+        num_heads=4,
+        mlp_ratio=4.0,
+        global_pool="map",
+        attn_type="rope",
+        use_pre_transformer_norm=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
+        rope_grid_offset=1.0,
+        rope_grid_indexing="xy",
+        attn_pool_num_heads=8,
+        attn_pool_mlp_ratio=4.0,
+        norm_layer=partial(LayerNorm, eps=1e-5),
+        init_values=0.5,
+    )
+    return _create_eva("legrad_tiny_pe_core", pretrained=False, **dict(args, **kwargs))
+
+
+_register_tiny_siglip_trunks()
+
+PE_CORE_CFG = {
+    "embed_dim": 48,  # ≠ width: the trunk's Linear head projects 64 → 48
+    "custom_text": True,
+    "vision_cfg": {
+        "image_size": 64,
+        "timm_model_name": "legrad_tiny_pe_core",
+        "timm_model_pretrained": False,
+        "timm_pool": "map",
+        "timm_proj": None,
+    },
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def save_tiny_pe_core_model(root: Path, seed: int = 0) -> Path:
+    """A local-dir: folder of a tiny PE-Core (CLIP tokenizer), norms, LayerScale and latent perturbed."""
+    folder = root / "tiny-pe-core"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": PE_CORE_CFG, "preprocess_cfg": {}})
+    )
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in PE_CORE_CFG.items() if k != "custom_text"}).eval()
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if "norm" in name or name.endswith(("latent", "gamma_1", "gamma_2")):
+                p.add_(0.2 * torch.randn_like(p))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def tiny_siglip_cfg(variant: str, vocab_size: int) -> dict:
+    v = SIGLIP_VARIANTS[variant]
+    return {
+        "embed_dim": 64,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {
+            "image_size": v["image_size"],
+            "timm_model_name": f"legrad_tiny_{variant}",
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        "text_cfg": tiny_hf_text_cfg(v["tokenizer"], vocab_size)["text_cfg"] | {"norm_kwargs": {"eps": 1e-6}},
+    }
+
+
+def build_tiny_siglip(variant: str, seed: int = 0, cfg: dict | None = None):
+    """A random-init tiny SigLIP (CustomTextCLIP), norms' affines and the MAP latent perturbed."""
+    from hf_tokenizers import build_hf_tokenizer
+
+    if cfg is None:
+        cfg = tiny_siglip_cfg(
+            variant, build_hf_tokenizer(SIGLIP_VARIANTS[variant]["tokenizer"])[0].get_vocab_size()
+        )
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if "norm" in name or name.endswith("latent"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def save_tiny_siglip_model(root: Path, variant: str, seed: int = 0) -> Path:
+    """A local-dir: folder of a tiny SigLIP with its small HF tokenizer saved inside."""
+    from hf_tokenizers import build_hf_tokenizer, save_hf_tokenizer
+
+    kind = SIGLIP_VARIANTS[variant]["tokenizer"]
+    cfg = tiny_siglip_cfg(variant, build_hf_tokenizer(kind)[0].get_vocab_size())
+    folder = root / f"tiny-{variant}"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": cfg,
+        "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(build_tiny_siglip(variant, seed, cfg).state_dict(), folder / "open_clip_pytorch_model.bin")
+    save_hf_tokenizer(kind, folder)
+    return folder
+
+
 def random_inputs(batch: int, prompts: int, size: int, embed_dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, size, size, generator=gen)
@@ -188,6 +344,12 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
         folders[mode] = folder
     hf_source = save_tiny_hf_text_model(out / "source", "unigram")
     folders["hf"] = export_model(load_openclip(str(hf_source)), out / "hf", ExportSettings(overwrite=True))
+    siglip_source = save_tiny_siglip_model(out / "source", "siglip")
+    folders["siglip"] = export_model(
+        load_openclip(str(siglip_source)), out / "siglip", ExportSettings(overwrite=True)
+    )
+    pe_core = load_openclip(str(save_tiny_pe_core_model(out / "source")))
+    folders["pe_core"] = export_model(pe_core, out / "pe_core", ExportSettings(overwrite=True))
     write_hf_tokenizer_cases(out / HF_TOKENIZER_CASES)
     return folders
 

@@ -18,9 +18,11 @@ import torch
 
 from legrad_export.graphs import build_image_graph
 from legrad_export.layers import resolve_layers
-from legrad_export.load import wrap_openclip
+from legrad_export.legrad_map import MapLeGrad
+from legrad_export.load import visual_state_dict, wrap_openclip
 from legrad_export.reference import legrad_reference
 from legrad_export.reference_siglip import legrad_reference_siglip
+from legrad_export.vit import ExplicitViT
 from tiny_models import random_inputs
 
 pytestmark = pytest.mark.torch
@@ -135,3 +137,16 @@ def test_siglip_reference_equals_the_authors_code(
     diff = (ref.heatmaps - theirs).abs().max()
     print(f"SigLIP {size} px, layer_index={layer_index}, correction={correction}: max diff {diff:.2e}")
     assert diff <= 1e-5
+    # and our closed-form graph, built from the same (untouched) model
+    loaded = wrap_openclip(model, "ViT-B-16-SigLIP", tokenizer=_no_tokenizer)
+    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded), size)
+    graph = MapLeGrad(vit, resolve_layers(layer_index, 12), empty if correction else None).eval()
+    with torch.no_grad():
+        ours = graph(pixels, text)[0]
+    graph_diff = (ours - theirs).abs().max()
+    print(f"  our graph: max diff {graph_diff:.2e}")
+    assert graph_diff <= 1e-5
+
+
+def _no_tokenizer(texts):
+    raise AssertionError("the parity run embeds no text")

@@ -113,9 +113,11 @@ def test_an_image_size_that_cannot_fit_in_memory_is_refused_with_the_estimate(tm
 
 def test_the_estimate_allows_the_sizes_people_use():
     from legrad_export.memory import estimate_bytes
-    from legrad_export.vit import ViTConfig
+    from legrad_export.towers import TowerSpec
 
-    vit_b16 = ViTConfig(width=768, heads=12, num_layers=12, patch_size=16, native_grid=14, embed_dim=512)
+    vit_b16 = TowerSpec(
+        "openclip_vit", width=768, heads=12, num_layers=12, patch_size=16, native_grid=14, embed_dim=512
+    )
     assert estimate_bytes(vit_b16, 448, 2, True) < 2e9
     assert estimate_bytes(vit_b16, 896, 2, True) < 20e9  # fits this 24 GB machine
     assert estimate_bytes(vit_b16, 100_000, 2, True) > 1e15

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import torch
+from open_clip.model import _build_vision_tower
 
 from legrad_export.cli import main
-from legrad_export.load import describe_vit
-from legrad_export.support import markdown, model_support, pair_support
+from legrad_export.ops import activation
+from legrad_export.support import all_models, markdown, model_support, pair_support
+from legrad_export.towers import describe_tower
 from legrad_runtime.errors import UnsupportedModelError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -28,16 +31,40 @@ def test_the_readme_holds_the_generated_section():
 @pytest.mark.parametrize("name", ["ViT-S-32", "ViT-B-32", "ViT-M-16-alt", "ViT-B-16-quickgelu"])
 def test_models_called_supported_build_a_tower_the_exporter_accepts(name):
     assert model_support(name).supported
-    describe_vit(open_clip.create_model(name), name)
+    describe_tower(open_clip.create_model(name), name)
 
 
-@pytest.mark.parametrize(
-    "name", ["RN50", "convnext_tiny", "coca_ViT-B-32", "ViT-B-16-SigLIP", "MobileCLIP-S1"]
-)
+class _VisionOnly(torch.nn.Module):
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.visual = visual
+
+
+SIGLIP_NAMES = [n for n, s in all_models() if s.family in ("timm SigLIP ViT", "timm PE-Core")]
+
+
+@pytest.mark.parametrize("name", SIGLIP_NAMES)
+def test_every_map_head_model_called_supported_has_a_tower_the_exporter_describes(name):
+    """Each image tower built without memory (meta device): the whole family, up to ViT-gopt, in seconds."""
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
+    spec = describe_tower(_VisionOnly(visual), name)
+    pe_core = name.startswith("PE-Core")
+    assert spec.head == "map" and spec.rope == pe_core
+    assert spec.prefix_tokens == (visual.trunk.cls_token is not None)
+    assert spec.tokens(spec.native_grid) == visual.trunk.pos_embed.shape[1]
+    assert spec.native_grid == cfg["vision_cfg"]["image_size"] // spec.patch_size  # 384 // 14 = 27
+    x = torch.linspace(-6, 6, 101)  # the spec's activation computes what the tower's own modules do
+    for act in (visual.trunk.blocks[0].mlp.act, visual.trunk.attn_pool.mlp.act):
+        torch.testing.assert_close(activation(x, spec.activation), act(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["RN50", "convnext_tiny", "coca_ViT-B-32", "EVA02-B-16", "MobileCLIP-S1"])
 def test_models_called_unsupported_build_a_tower_the_exporter_refuses(name):
     assert not model_support(name).supported
     with pytest.raises(UnsupportedModelError):
-        describe_vit(open_clip.create_model(name), name)
+        describe_tower(open_clip.create_model(name), name)
 
 
 def test_list_models_prints_every_model_and_every_pair(capsys):

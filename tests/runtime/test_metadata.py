@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -13,11 +15,13 @@ from legrad_runtime.errors import ModelFolderError, SchemaVersionError
 from legrad_runtime.metadata import (
     METADATA_FILE,
     SCHEMA_VERSION,
+    CorrectionCfg,
     FileEntry,
     HFSettings,
     ModelMetadata,
     PreprocessCfg,
     TokenizerCfg,
+    TowerCfg,
     Vocabulary,
     read_metadata,
     sha256_file,
@@ -177,3 +181,146 @@ def test_hf_tokenizer_settings_round_trip(tmp_path):
     tok = dataclasses.replace(meta.tokenizer, kind="hf", files=("tokenizer/tokenizer.json",), hf=hf)
     (tmp_path / METADATA_FILE).write_text(dataclasses.replace(meta, tokenizer=tok).to_json())
     assert read_metadata(tmp_path).tokenizer == tok
+
+
+# ---------------------------------------------------------------- v3: the tower, the correction, the bias
+
+
+def _siglip(meta: ModelMetadata) -> ModelMetadata:
+    """A SigLIP-like model (224 px, patch 16: a 14×14 grid) made from the fake folder's metadata."""
+    return dataclasses.replace(
+        meta,
+        model_name="ViT-B-16-SigLIP",
+        image_size=224,
+        grid_size=14,
+        activation="gelu_tanh",
+        preprocess=PreprocessCfg(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        tower=TowerCfg(family="timm_vit", head="map", prefix_tokens=0, grid=(14, 14)),
+        correction=CorrectionCfg(enabled=True, prompt="a photo of a", threshold=0.8),
+        logit_bias=-10.0,
+    )
+
+
+CLIP_TOWER_28 = TowerCfg("openclip_vit", "token_mean", 1, (28, 28))  # the fake folder's grid is 28
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_folder_without_the_tower_fields_reads_as_an_openclip_vit(tmp_path, version):
+    data = json.loads(_folder(tmp_path).to_json())
+    for name in ("tower", "correction", "logit_bias"):
+        data.pop(name)
+    if version < 3:
+        data["tokenizer"].pop("hf")
+    if version < 2:
+        data.pop("vocabulary")
+    data["schema_version"] = version
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))
+    meta = read_metadata(tmp_path)
+    assert meta.tower == CLIP_TOWER_28
+    assert meta.correction is None and meta.logit_bias is None and meta.schema_version == version
+
+
+def test_metadata_built_without_a_tower_gets_the_openclip_default(tmp_path):
+    meta = _folder(tmp_path)  # built without tower=
+    assert meta.tower == CLIP_TOWER_28
+    assert json.loads(meta.to_json())["tower"] == {
+        "family": "openclip_vit",
+        "head": "token_mean",
+        "prefix_tokens": 1,
+        "grid": [28, 28],
+    }
+
+
+def test_a_siglip_tower_round_trips_through_json(tmp_path):
+    meta = _siglip(_folder(tmp_path))
+    text = meta.to_json()
+    data = json.loads(text)
+    assert data["tower"] == {"family": "timm_vit", "head": "map", "prefix_tokens": 0, "grid": [14, 14]}
+    assert data["correction"] == {"enabled": True, "prompt": "a photo of a", "threshold": 0.8}
+    assert data["logit_bias"] == -10.0 and data["activation"] == "gelu_tanh"
+    assert ModelMetadata.from_dict(data) == meta
+    (tmp_path / METADATA_FILE).write_text(text)
+    read = read_metadata(tmp_path)
+    assert read == meta and read.tower.grid == (14, 14) and read.correction.threshold == 0.8
+    assert "correction" in json.loads(meta.to_json(embedded=True))  # in the ONNX files' copy too
+
+
+def test_correction_defaults_and_a_threshold_of_one(tmp_path):
+    data = json.loads(_siglip(_folder(tmp_path)).to_json())
+    data["correction"] = {"enabled": False}
+    assert ModelMetadata.from_dict(data).correction == CorrectionCfg(False, "a photo of a", 0.8)
+    data["correction"] = {"enabled": True, "threshold": 1}
+    assert ModelMetadata.from_dict(data).correction.threshold == 1.0
+
+
+def _set(data: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        data = data[key]
+    data[last] = value
+
+
+@pytest.mark.parametrize(
+    "path, value, field",
+    [
+        ("tower.family", "vit_huge", "tower.family"),
+        ("tower.family", 1, "tower.family"),
+        ("tower.head", "cls", "tower.head"),
+        ("tower.prefix_tokens", 2, "tower.prefix_tokens"),
+        ("tower.prefix_tokens", -1, "tower.prefix_tokens"),
+        ("tower.prefix_tokens", True, "tower.prefix_tokens"),
+        ("tower.grid", [14, 15], "tower.grid"),
+        ("tower.grid", [28, 28], "tower.grid"),
+        ("tower.grid", [14], "tower.grid"),
+        ("tower.grid", [14, 14, 14], "tower.grid"),
+        ("tower.grid", "14x14", "tower.grid"),
+        ("tower.pool", "avg", "tower.pool"),
+        ("tower", [], "tower"),
+        ("correction.threshold", 0, "correction.threshold"),
+        ("correction.threshold", 1.5, "correction.threshold"),
+        ("correction.threshold", -0.5, "correction.threshold"),
+        ("correction.threshold", "0.8", "correction.threshold"),
+        ("correction.enabled", "yes", "correction.enabled"),
+        ("correction.enabled", 1, "correction.enabled"),
+        ("correction.prompt", "", "correction.prompt"),
+        ("correction.prompt", 3, "correction.prompt"),
+        ("correction", True, "correction"),
+        ("logit_bias", math.nan, "logit_bias"),
+        ("logit_bias", math.inf, "logit_bias"),
+        ("logit_bias", -math.inf, "logit_bias"),
+        ("logit_bias", "-10", "logit_bias"),
+        ("logit_bias", False, "logit_bias"),
+        ("activation", "gelu_fast", "activation"),
+    ],
+)
+def test_bad_tower_fields_are_model_folder_errors_naming_the_field(tmp_path, path, value, field):
+    data = json.loads(_siglip(_folder(tmp_path)).to_json())
+    _set(data, path, value)
+    (tmp_path / METADATA_FILE).write_text(json.dumps(data))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(ModelFolderError, match=f"field {re.escape(repr(field))}"):
+        read_metadata(tmp_path)
+
+
+def test_a_grid_error_says_the_runtime_is_square_only(tmp_path):
+    data = json.loads(_siglip(_folder(tmp_path)).to_json())
+    data["tower"]["grid"] = [14, 16]
+    with pytest.raises(ModelFolderError, match="tower.grid.*square"):
+        ModelMetadata.from_dict(data)
+
+
+def test_a_correction_on_a_token_mean_tower_is_refused(tmp_path):
+    data = json.loads(_siglip(_folder(tmp_path)).to_json())
+    data["tower"] |= {"head": "token_mean", "prefix_tokens": 1}
+    with pytest.raises(ModelFolderError, match="field 'correction' is for towers with head 'map'"):
+        ModelMetadata.from_dict(data)
+    data["correction"] = None
+    assert ModelMetadata.from_dict(data).tower.head == "token_mean"
+
+
+def test_tower_and_correction_check_their_own_values():
+    with pytest.raises(ValueError, match="'vit_huge'"):
+        TowerCfg("vit_huge", "map", 0, (14, 14))
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        TowerCfg("timm_vit", "map", 2, (14, 14))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        CorrectionCfg(True, "a photo of a", 0.0)

@@ -158,8 +158,22 @@ def test_wrongly_typed_or_disagreeing_metadata_is_one_error_naming_the_field(fol
 def test_a_grid_that_disagrees_with_the_graph_is_named(folder):
     meta = read_metadata(folder)
     patch = meta.patch_size // 2  # still patch × grid = size, but not what the graph computes
-    edit_metadata(folder, lambda d: d.update(patch_size=patch, grid_size=meta.image_size // patch))
+    grid = meta.image_size // patch
+
+    def edit(d):
+        d.update(patch_size=patch, grid_size=grid)
+        if d.get("tower") is not None:  # v3: the tower's grid agrees with grid_size, or is refused first
+            d["tower"]["grid"] = [grid, grid]
+
+    edit_metadata(folder, edit)
     _refused(folder, "'grid_size' = .* disagrees with legrad_image.onnx")
+
+
+def test_a_tower_grid_that_disagrees_with_grid_size_is_named(folder):
+    tower = read_metadata(folder).tower
+    wrong = {"family": tower.family, "head": tower.head, "prefix_tokens": tower.prefix_tokens, "grid": [4, 5]}
+    edit_metadata(folder, lambda d: d.update(tower=wrong))
+    _refused(folder, "field 'tower.grid' must equal")
 
 
 def test_newer_schema_stays_a_schema_version_error(folder):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,8 +22,17 @@ from legrad_runtime import (
     SchemaVersionError,
     load,
 )
+from legrad_runtime.cli import _summary
 from legrad_runtime.cli import main as cli_main
-from legrad_runtime.metadata import METADATA_FILE
+from legrad_runtime.metadata import (
+    METADATA_FILE,
+    CorrectionCfg,
+    ModelMetadata,
+    PreprocessCfg,
+    TokenizerCfg,
+    TowerCfg,
+)
+from legrad_runtime.session import Explanation, LeGradModel
 
 PROMPTS = ["a photo of a cat", "a remote control", "a red square"]
 
@@ -245,3 +257,139 @@ def test_the_runtime_never_imports_torch(model_folder, photos):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- SigLIP-like models, without a folder
+
+
+def _clip_b16() -> ModelMetadata:
+    """ViT-B-16 at 224 px, every block explained, a graph without the prompt loop."""
+    return ModelMetadata(
+        model_name="ViT-B-16",
+        pretrained="none",
+        checkpoint_sha256=None,
+        open_clip_version="3.3.0",
+        exporter_version="0.1.0",
+        torch_version="2.14.1",
+        opset=20,
+        image_size=224,
+        patch_size=16,
+        grid_size=14,
+        num_layers=12,
+        layers=tuple(range(12)),
+        width=768,
+        heads=12,
+        embed_dim=512,
+        logit_scale=100.0,
+        activation="gelu",
+        preprocess=PreprocessCfg(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        tokenizer=TokenizerCfg("clip-bpe", 77, ("tokenizer/vocab.json",)),
+    )
+
+
+def _siglip_b16(correction: bool = True) -> ModelMetadata:
+    return dataclasses.replace(
+        _clip_b16(),
+        activation="gelu_tanh",
+        tower=TowerCfg("timm_vit", "map", 0, (14, 14)),
+        correction=CorrectionCfg(True, "a photo of a", 0.8) if correction else None,
+        logit_bias=-10.0,
+    )
+
+
+def _without_a_folder(meta: ModelMetadata) -> LeGradModel:
+    model = object.__new__(LeGradModel)  # chunk_sizes reads the metadata alone
+    model.metadata = meta
+    return model
+
+
+def test_a_map_head_tower_fits_far_more_prompts_per_call():
+    """Its per-prompt intermediates are heads × N per layer, not the blocks' heads × N²."""
+    budget = 2 * 1024**3
+    _, clip_prompts = _without_a_folder(_clip_b16()).chunk_sizes(100_000, 1, budget)
+    _, map_prompts = _without_a_folder(_siglip_b16()).chunk_sizes(100_000, 1, budget)
+    assert clip_prompts >= 1 and map_prompts > 10 * clip_prompts
+
+
+def test_the_correction_costs_one_prompt_more_per_image():
+    budget = 64 * 1024**2
+    _, plain = _without_a_folder(_siglip_b16(correction=False)).chunk_sizes(100_000, 1, budget)
+    _, corrected = _without_a_folder(_siglip_b16()).chunk_sizes(100_000, 1, budget)
+    assert corrected == plain - 1
+
+
+def _explanation(image_embeds, text_embeds, logit_scale: float, logit_bias: float | None) -> Explanation:
+    b, p = len(image_embeds), len(text_embeds)
+    return Explanation(
+        heatmaps=np.zeros((b, p, 2, 2), np.float32),
+        layer_maps=np.zeros((b, p, 1, 1, 1), np.float32),
+        image_embeds=np.asarray(image_embeds, np.float64),
+        text_embeds=np.asarray(text_embeds, np.float64),
+        images=[],
+        placements=[],
+        sources=[f"image #{i}" for i in range(b)],
+        prompts=[f"embedding #{i}" for i in range(p)],
+        layers=(0,),
+        logit_scale=logit_scale,
+        failures=[],
+        preprocess=PreprocessCfg(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        logit_bias=logit_bias,
+    )
+
+
+def _unit_rows(rng, rows: int, dim: int) -> list[list[float]]:
+    out = []
+    for _ in range(rows):
+        v = [rng.standard_normal() for _ in range(dim)]
+        norm = math.sqrt(sum(x * x for x in v))
+        out.append([x / norm for x in v])
+    return out
+
+
+def test_probabilities_are_a_softmax_over_prompts_without_a_bias_and_sigmoids_with_one():
+    rng = np.random.default_rng(3)
+    images, texts = _unit_rows(rng, 3, 8), _unit_rows(rng, 4, 8)
+    cos = [[sum(a * b for a, b in zip(im, t)) for t in texts] for im in images]
+    scale, bias = 12.5, -1.5
+
+    softmax = []
+    for row in cos:
+        e = [math.exp(scale * c) for c in row]
+        softmax.append([x / sum(e) for x in e])
+    got = _explanation(images, texts, scale, None).probabilities
+    assert got.shape == (3, 4) and np.allclose(got, softmax, rtol=1e-9, atol=0)
+
+    sigmoid = [[1 / (1 + math.exp(-(scale * c + bias))) for c in row] for row in cos]
+    got = _explanation(images, texts, scale, bias).probabilities
+    assert got.shape == (3, 4) and np.allclose(got, sigmoid, rtol=1e-9, atol=0)
+    assert not np.allclose(got.sum(1), 1)  # per pair: rows do not sum to 1
+
+
+def test_sigmoid_probabilities_of_extreme_logits_raise_no_warnings():
+    e = [[1.0, 0.0], [0.0, 1.0]]
+    texts = [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]  # cos +1, -1 and 0 with the first image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale, bias in [(1e6, 0.0), (1e6, -1e6 + 5.0), (1.0, 1e308), (1.0, -1e308)]:
+            got = _explanation(e, texts, scale, bias).probabilities
+            assert np.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
+        p = _explanation(e, texts, 1e6, 0.0).probabilities[0]
+        assert p[0] == 1.0 and p[1] == 0.0 and p[2] == 0.5  # +1e6, -1e6 and 0 as logits
+        p = _explanation(e, texts, 1e6, -1e6 + 5.0).probabilities[0]
+        assert math.isclose(p[0], 1 / (1 + math.exp(-5.0)), rel_tol=1e-9)  # the bias cancels the scale
+        assert _explanation(e, texts, 1.0, -1e308).probabilities.max() == 0.0
+        assert _explanation(e, texts, 1.0, 1e308).probabilities.min() == 1.0
+        softmax = _explanation(e, texts, 1e6, None).probabilities
+        assert np.array_equal(softmax[0], [1.0, 0.0, 0.0])
+
+
+def test_info_shows_the_tower_the_correction_and_the_bias():
+    text = _summary(_siglip_b16())
+    assert "timm_vit" in text and "tower        timm_vit, head map," in text and "no class token" in text
+    assert "  correction on: empty prompt" in text and "'a photo of a'" in text and "threshold 0.8" in text
+    assert "logit bias -10.00" in text and "gelu_tanh" in text
+    plain = _summary(_clip_b16())
+    assert "openclip_vit" in plain and "head token_mean" in plain and "a class token" in plain
+    assert "correction" not in plain and "logit bias" not in plain
+    off = _summary(dataclasses.replace(_siglip_b16(), correction=CorrectionCfg(False)))
+    assert "  correction off:" in off

@@ -1,0 +1,122 @@
+"""Pooling heads: tokens (B, N, D) → one image embedding, each with the backward LeGrad needs.
+
+- `TokenMeanHead` (CLIP): LayerNorm + projection of the class token or the token mean. LeGrad
+  explains the blocks' attention through it; the blocks' backward is in legrad.py.
+- `MapHead` (SigLIP, PE-Core): timm's `AttentionPoolLatent` with one latent query (PE-Core adds
+  a Linear projection after it). LeGrad explains the
+  head's own attention A (B, H, 1, N): per prompt, ∂s/∂A[h, 0, j] = ∂s/∂o_h · v_h[j] where
+  o = A V, so each prompt costs one short backward through proj, the residual MLP and the norm.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import LayerNorm, activation, activation_derivative, frozen
+from .towers import TowerSpec
+
+__all__ = ["TokenMeanHead", "MapHead", "MapTrace"]
+
+
+class TokenMeanHead(nn.Module):
+    """f = LN_post(token 0 or token mean) @ proj, as the tower pools; LeGrad's layers use the mean."""
+
+    def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.ln_post = LayerNorm(sd, "head.norm.", spec.eps)
+        self.proj = frozen(sd["head.proj"])  # (D, E)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's own image embedding (unnormalised) from the last block's tokens (B, N, D)."""
+        if self.spec.pool_type == "tok":  # LayerNorm is per token: pooling first changes nothing
+            return self.ln_post(tokens[:, 0]) @ self.proj
+        if self.spec.final_ln_after_pool:
+            return self.ln_post(tokens[:, 1:].mean(1)) @ self.proj
+        return self.ln_post(tokens)[:, 1:].mean(1) @ self.proj
+
+
+class MapTrace(NamedTuple):
+    """Per image and explained layer, what every prompt's backward through the MAP head shares."""
+
+    f_hat: torch.Tensor  # (B, E) normalised layer embedding (after the projection, if any)
+    f_norm: torch.Tensor  # (B, 1)
+    y_hat: torch.Tensor  # (B, D) the pool MLP's LayerNorm input, normalised
+    y_rstd: torch.Tensor  # (B, 1)
+    a: torch.Tensor  # (B, M) act'(pre) of the pool MLP
+    v: torch.Tensor  # (B, H, N, dh) the pool's attention values
+
+
+class MapHead(nn.Module):
+    """f = y + MLP(LN(y)),  y = proj(A V),  A = softmax(q kᵀ · scale): one latent query over N tokens.
+
+    PE-Core adds a Linear after it (`head.fc`), and its class token's column is dropped from maps.
+    """
+
+    def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.heads = spec.head_heads
+        self.norm = LayerNorm(sd, "norm.", spec.eps)  # the trunk's final norm: the model's own embedding only
+        self.latent = frozen(sd["pool.latent"])  # (1, D)
+        self.q_weight, self.q_bias = frozen(sd["pool.q.weight"]), frozen(sd["pool.q.bias"])
+        self.kv_weight, self.kv_bias = frozen(sd["pool.kv.weight"]), frozen(sd["pool.kv.bias"])
+        self.proj_weight, self.proj_bias = frozen(sd["pool.proj.weight"]), frozen(sd["pool.proj.bias"])
+        self.mlp_norm = LayerNorm(sd, "pool.norm.", spec.eps)
+        self.fc1_weight, self.fc1_bias = frozen(sd["pool.mlp.fc1.weight"]), frozen(sd["pool.mlp.fc1.bias"])
+        self.fc2_weight, self.fc2_bias = frozen(sd["pool.mlp.fc2.weight"]), frozen(sd["pool.mlp.fc2.bias"])
+        has_out = "head.fc.weight" in sd
+        self.out_weight = frozen(sd["head.fc.weight"]) if has_out else None  # (E, D)
+        self.out_bias = frozen(sd["head.fc.bias"]) if has_out else None
+
+    def _attend(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool's output before its MLP, y (B, D), and its values (B, H, N, dh)."""
+        B, N, D = z.shape
+        H = self.heads
+        dh = D // H
+        q = F.linear(self.latent, self.q_weight, self.q_bias).reshape(1, H, 1, dh)  # (1, H, 1, dh)
+        k, v = F.linear(z, self.kv_weight, self.kv_bias).reshape(B, N, 2, H, dh).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax((q * dh**-0.5) @ k.transpose(-1, -2), dim=-1)  # (B, H, 1, N)
+        o = (attn @ v).reshape(B, D)  # (B, H, 1, dh) → (B, D): heads in order, as timm reshapes
+        return F.linear(o, self.proj_weight, self.proj_bias), v
+
+    def _pooled(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """f (B, E): pool, MLP and projection; with y (B, D), the MLP's pre-activation and the values."""
+        y, v = self._attend(z)
+        pre = F.linear(self.mlp_norm(y), self.fc1_weight, self.fc1_bias)  # (B, M)
+        f = y + F.linear(activation(pre, self.spec.activation), self.fc2_weight, self.fc2_bias)
+        if self.out_weight is not None:
+            f = F.linear(f, self.out_weight, self.out_bias)
+        return f, y, pre, v
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's own image embedding (unnormalised): the pool of the normed last tokens."""
+        return self._pooled(self.norm(tokens))[0]
+
+    def forward_traced(self, z: torch.Tensor) -> MapTrace:
+        """The head on an explained block's output z (no final norm, as the authors do)."""
+        f, y, pre, v = self._pooled(z)
+        f_norm = f.norm(dim=-1, keepdim=True)
+        y_hat, y_rstd = self.mlp_norm.normalize(y)
+        a = activation_derivative(pre, self.spec.activation)
+        return MapTrace(f / f_norm, f_norm, y_hat, y_rstd, a, v)
+
+    def prompt_maps(self, trace: MapTrace, text_embeds: torch.Tensor) -> torch.Tensor:
+        """mean_h max(0, ∂(t_p · f/‖f‖)/∂A[h, 0, j]) per image, prompt and patch token j: (B, P, N − R)."""
+        B, H, N, dh = trace.v.shape
+        s = trace.f_hat @ text_embeds.T  # (B, P)
+        g_f = text_embeds.unsqueeze(0) - s.unsqueeze(-1) * trace.f_hat.unsqueeze(1)
+        g_f = g_f / trace.f_norm.unsqueeze(1)  # (B, P, E)
+        if self.out_weight is not None:
+            g_f = g_f @ self.out_weight  # (B, P, D): back through the projection
+        g_pre = (g_f @ self.fc2_weight) * trace.a.unsqueeze(1)  # (B, P, M)
+        g_ln = g_pre @ self.fc1_weight  # (B, P, D)
+        g_y = g_f + self.mlp_norm.backward(g_ln, trace.y_hat.unsqueeze(1), trace.y_rstd.unsqueeze(1))
+        g_o = (g_y @ self.proj_weight).reshape(B, -1, H, dh)  # (B, P, H, dh)
+        v = trace.v[:, :, self.spec.prefix_tokens :]  # a class token's column is dropped
+        grad = torch.einsum("bphd,bhnd->bphn", g_o, v)  # (B, P, H, N − R)
+        return torch.relu(grad).mean(dim=2)

@@ -1,0 +1,39 @@
+"""The image towers LeGrad export knows: one adapter per family, one spec and canonical state dict.
+
+All open_clip/timm knowledge of the torch side that is not loading lives here: a new family adds
+an adapter module (describe + canonical_state_dict) and a line below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from legrad_runtime.errors import UnsupportedModelError
+
+from . import openclip_vit, timm_eva, timm_vit
+from .spec import Activation, Head, TowerSpec
+
+__all__ = ["TowerSpec", "Activation", "Head", "describe_tower", "canonical_state_dict"]
+
+
+def describe_tower(model: nn.Module, model_name: str = "model") -> TowerSpec:
+    """The spec of an open_clip model's image tower; UnsupportedModelError if LeGrad cannot explain it."""
+    visual = getattr(model, "visual", None)
+    if openclip_vit.is_openclip_vit(visual):
+        return openclip_vit.describe(visual, model_name)
+    if timm_vit.is_timm_map_vit(visual):
+        return timm_vit.describe(visual, model_name)
+    if timm_eva.is_timm_eva_map(visual):
+        return timm_eva.describe(visual, model_name)
+    kind = type(visual).__name__ if visual is not None else "no image tower"
+    raise UnsupportedModelError(
+        f"{model_name}'s image tower is {kind}, which LeGrad export does not support; it exports "
+        "OpenCLIP ViTs (e.g. ViT-B-16), SigLIP/SigLIP2 and PE-Core towers; see `legrad-export --list-models`"
+    )
+
+
+def canonical_state_dict(model: nn.Module, spec: TowerSpec) -> dict[str, torch.Tensor]:
+    """The image tower's tensors (views; the explicit model copies what it keeps), canonical names."""
+    adapter = {"openclip_vit": openclip_vit, "timm_vit": timm_vit, "timm_eva": timm_eva}[spec.family]
+    return adapter.canonical_state_dict(model.visual)

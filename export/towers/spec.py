@@ -1,0 +1,60 @@
+"""What LeGrad needs to know about an image tower that its weights alone do not tell: one frozen spec.
+
+Every family's adapter (openclip_vit.py, timm_vit.py) describes its tower as a `TowerSpec` and
+renames its tensors onto one canonical state dict (timm's names, the best-known ones), so the
+explicit model (`vit.py`, `heads.py`) and the closed-form backward never see a family's own names.
+
+Canonical names (D width, M MLP width, E embedding, N tokens, R = prefix_tokens):
+
+    patch_embed.proj.weight (D, 3, p, p), patch_embed.proj.bias (D,)?    cls_token (D,)?  if R = 1
+    pos_embed (R + g·g, D)                                               norm_pre.{weight,bias}?
+    blocks.{i}.norm1 / attn.qkv (3D, D) / attn.proj / ls1.gamma? / norm2 / mlp.fc1 / mlp.fc2 / ls2.gamma?
+    head "token_mean": head.norm.{weight,bias}, head.proj (D, E)
+    head "map":        norm.{weight,bias} (the trunk's final norm), pool.latent (1, D),
+                       pool.q / pool.kv (2D, D) / pool.proj / pool.norm / pool.mlp.fc1 / pool.mlp.fc2,
+                       head.fc.{weight,bias}? (E, D): a projection after the pool (PE-Core)
+    rope (g·g, 2·head_dim)?: a RoPE table, sin then cos, for the native grid (PE-Core)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["TowerSpec", "Activation", "Head"]
+
+Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
+Head = Literal["token_mean", "map"]
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Architecture facts of a ViT image tower, shared by the explicit model and the metadata."""
+
+    family: str  # which adapter read it: legrad_runtime.metadata.TOWER_FAMILIES
+    width: int
+    heads: int
+    num_layers: int
+    patch_size: int
+    native_grid: int
+    embed_dim: int
+    activation: Activation = "gelu"
+    head: Head = "token_mean"  # token_mean: LeGrad explains the blocks' attention; map: the head's
+    prefix_tokens: int = 1  # a class token (1) or none (0)
+    pool_type: Literal["tok", "avg"] = "tok"  # token_mean towers: what the model's own embedding pools
+    final_ln_after_pool: bool = False
+    eps: float = 1e-5
+    head_heads: int = 0  # map: the attention pool's heads
+    rope: bool = False  # 2-D RoPE (interleaved) on the patch tokens' q and k, table `rope` (PE-Core)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    def tokens(self, grid: int) -> int:
+        return self.prefix_tokens + grid * grid
+
+    @property
+    def explains_head(self) -> bool:
+        """Whether the explained attention is the pooling head's (one query) rather than the blocks'."""
+        return self.head == "map"
