@@ -2,9 +2,11 @@
 
     python benchmarks/bench.py --model ViT-B-16 --image-size 224 --batch 8 --prompts 4 --layers -2
     python benchmarks/bench.py --model-folder models/ViT-B-16__laion2b_s34b_b88k__448 --batch 8 --prompts 32
+    python benchmarks/bench.py --model ViT-B-16-SigLIP --tokenizer TOK_DIR --methods plain,legrad,released
 
 Give an exported model folder (`legrad-export` output), or a model name to export one here with
-random weights (`pretrained="none"`; speed does not depend on the weights). Each method runs in a
+random weights (`pretrained="none"`; speed does not depend on the weights; models with a Hugging Face
+tokenizer, SigLIP, need `--tokenizer`, since nothing is downloaded). Each method runs in a
 fresh process (benchmarks/worker.py), so its peak RSS is its own:
 
   plain ONNX forward     pixel_values → image_embeds, cut out of the LeGrad graph (same weights, same ops)
@@ -12,10 +14,12 @@ fresh process (benchmarks/worker.py), so its peak RSS is its own:
   runtime explain()      legrad_runtime on uint8 images: preprocessing and memory-budget batching included
   reference (PyTorch)    our autograd reference, one image forward for all prompts
   authors' (PyTorch)     the authors' approach emulated: each image repeated once per prompt, autograd
-  authors' released      their legrad_torch 1.1 itself (--methods ...,released; needs .authors-site/)
+                         (CLIP towers only; skipped for MAP-head towers such as SigLIP)
+  authors' released      their legrad_torch 1.1 itself (--methods ...,released; needs .authors-site/):
+                         compute_legrad_clip per image, or compute_legrad_siglip per prompt (MAP head)
   ... int8               the ONNX graphs after onnxruntime's dynamic int8 quantisation (--dtype int8)
 
-Per method: throughput on B images × P prompts (median of --repeats after a warm-up), latency at
+Per method: throughput on B images × P prompts (median of --repeats after --warmups untimed runs), latency at
 B=1 (p50/p95 of --latency-runs), peak RSS. Then a sweep, interleaved in one process: LeGrad at
 P = --sweep-prompts and at 1, 2, 3 explained layers (graphs exported from random weights of the same
 architecture), giving the marginal cost of one more prompt and one more layer as a fraction of a
@@ -68,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", help="open_clip model name to export here with random weights")
     p.add_argument("--image-size", type=int, default=None, help="input size when exporting (default: native)")
     p.add_argument("--layers", default="-2", help="layer spec when exporting, as legrad-export --layers")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the Hugging Face tokenizer (saved folder or tokenizer.json) of SigLIP-style models, as "
+        "legrad-export --tokenizer (nothing is downloaded): the export and the torch rows, which embed "
+        "the correction's empty prompt, need it",
+    )
     p.add_argument("--batch", type=int, default=8, help="images per workload (B)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per workload (P)")
     p.add_argument("--device", choices=["cpu"], default="cpu", help="only cpu for now (GPU: not implemented)")
@@ -80,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", default="plain,legrad,reference,authors", help=f"comma list of {', '.join(METHODS)}"
     )
     p.add_argument("--repeats", type=int, default=5, help="timed workload runs per method (median)")
+    p.add_argument(
+        "--warmups",
+        type=int,
+        default=1,
+        help="untimed workload runs before them (0: for models so big "
+        "that one run takes a minute and warming up changes nothing)",
+    )
     p.add_argument("--latency-runs", type=int, default=10, help="B=1 runs per method for p50/p95 (0: skip)")
     p.add_argument("--sweep-prompts", default="1,2,4,8", help="prompt counts of the sweep ('' to skip)")
     p.add_argument("--sweep-layers", type=int, default=3, help="sweep 1..N last layers (0 to skip)")
@@ -99,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def export_folder(model: str, size: int | None, layers: str, out: Path) -> Path:
+def export_folder(model: str, size: int | None, layers: str, out: Path, tokenizer: str | None) -> Path:
     """legrad-export with seeded random weights (no verification: the sanity check compares maps)."""
     import torch
 
@@ -107,7 +125,7 @@ def export_folder(model: str, size: int | None, layers: str, out: Path) -> Path:
     from legrad_export.onnx_export import ExportSettings, export_model
 
     torch.manual_seed(WEIGHT_SEED)  # the torch rows rebuild the same weights from this seed
-    loaded = load_openclip(model, "none")
+    loaded = load_openclip(model, "none", tokenizer=tokenizer)
     return export_model(
         loaded, out, ExportSettings(image_size=size, layers=layers, verify=False, overwrite=True)
     )
@@ -140,10 +158,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     self_exported = args.model is not None
     if self_exported:
         print(f"exporting {args.model} (random weights) ...", flush=True)
-        folder = export_folder(args.model, args.image_size, args.layers, work / "main")
+        folder = export_folder(args.model, args.image_size, args.layers, work / "main", args.tokenizer)
     else:
         folder = args.model_folder
     meta = read_metadata(folder)
+    map_head = meta.tower.head == "map"  # SigLIP: LeGrad explains the MAP head's attention
+    tokenizer = args.tokenizer
     layers = tuple(meta.layers)
     last = tuple(range(meta.num_layers - len(layers), meta.num_layers))
     layer_index = layers[0] if layers == tuple(range(layers[0], meta.num_layers)) else None
@@ -167,12 +187,22 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "layers": list(layers),
         "layer_index": layer_index,
         "repeats": args.repeats,
+        "warmups": args.warmups,
         "latency_runs": args.latency_runs,
         "folder": str(folder),
+        "head": meta.tower.head,
+        "tokenizer": tokenizer,
+        "correction": bool(meta.correction and meta.correction.enabled),
+        "correction_prompt": meta.correction.prompt if meta.correction else None,
+        "correction_threshold": meta.correction.threshold if meta.correction else None,
     }
+    if "released" in args.methods and (AUTHORS_SITE / "legrad").is_dir():
+        # their open_clip 2.23 gets our (seeded) weights from a file, not from its own init
+        base["weights"] = worker(dict(base, method="save_weights", out=str(work / "weights.pt")))["weights"]
     load_before = os.getloadavg()[0]
     rows: dict[str, dict[str, Any]] = {}
     report_errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for method in args.methods:
         for dtype in args.dtype if method in ("plain", "legrad") else ["fp32"]:
             if method == "released" and not (AUTHORS_SITE / "legrad").is_dir():
@@ -180,6 +210,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 continue
             if method in ("authors", "released") and layer_index is None:
                 print(f"skipping authors: layers {layers} are not k..L-1, which is all their code explains")
+                continue
+            if method == "authors" and map_head:
+                skipped[METHODS[method]] = (
+                    "CLIP-only emulation (compute_legrad_clip); this tower has a MAP head: "
+                    "use --methods ...,released (compute_legrad_siglip)"
+                )
+                print(f"skipping {METHODS[method]}: {skipped[METHODS[method]]}")
                 continue
             name = METHODS[method] + (" int8" if dtype == "int8" else "")
             print(f"measuring {name} ...", flush=True)
@@ -197,7 +234,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"partial_rows": rows}, indent=2), encoding="utf-8")
 
-    report: dict[str, Any] = {"rows": rows, "errors": report_errors}
+    report: dict[str, Any] = {"rows": rows, "errors": report_errors, "skipped": skipped}
     plain_s = rows[METHODS["plain"]]["median_s"] if METHODS["plain"] in rows else None
     if plain_s:
         report["ratio_vs_plain"] = {k: r["median_s"] / plain_s for k, r in rows.items()}
@@ -207,7 +244,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             report[f"{key}_over_legrad_onnx"] = speedup
 
     if args.sweep_prompts or args.sweep_layers:
-        report["sweep"] = sweep(args, base, meta, graph, plain, layers, last, work)
+        report["sweep"] = sweep(args, base, meta, graph, plain, layers, last, work, tokenizer)
     if "int8" in args.dtype:
         print("int8 agreement ...", flush=True)
         report["int8_agreement"] = worker(
@@ -230,7 +267,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return report
 
 
-def sweep(args, base, meta, graph: Path, plain: Path, layers, last, work: Path) -> dict[str, Any]:
+def sweep(args, base, meta, graph: Path, plain: Path, layers, last, work: Path, tokenizer) -> dict[str, Any]:
     """LeGrad time vs P (the model's graph) and vs the number of last layers explained."""
     graphs = {f"L{len(layers)}": str(graph)}
     if args.sweep_layers:
@@ -238,7 +275,7 @@ def sweep(args, base, meta, graph: Path, plain: Path, layers, last, work: Path) 
             if k == len(layers) and layers == last:
                 continue
             print(f"exporting a graph for the last {k} layer(s) (random weights) ...", flush=True)
-            folder = export_folder(meta.model_name, meta.image_size, str(-k), work / f"layers{k}")
+            folder = export_folder(meta.model_name, meta.image_size, str(-k), work / f"layers{k}", tokenizer)
             graphs[f"L{k}"] = str(folder / "legrad_image.onnx")
     main = f"L{len(layers)}"
     counts = args.sweep_prompts or [args.prompts]
@@ -324,7 +361,7 @@ def print_report(r: dict[str, Any]) -> None:
     print(
         f"model: {s['model_name']} at {s['image_size']}px, layers {s['layers']}, B={s['batch']}, "
         f"P={s['prompts']}, {s['device']}, onnxruntime options: {s['ort_options']}, "
-        f"median of {s['repeats']}\n"
+        f"median of {s['repeats']} after {s.get('warmups', 1)} warm-up\n"
     )
     cols = ["median s", "images/s", "vs plain", "B=1 p50 ms", "p95 ms", "peak RSS MB", "steal %"]
     head = f"{'method':<34} " + " ".join(f"{c:>11}" for c in cols)
@@ -349,6 +386,8 @@ def print_report(r: dict[str, Any]) -> None:
             + ", ".join(f"{n} ({100 * f:.0f}%)" for n, f in stolen.items())
             + ": those times, and ratios with them, are not comparable; run again when it is quiet"
         )
+    for name, why in r.get("skipped", {}).items():
+        print(f"{name:<34} skipped: {why}")
     for key in ("authors", "released"):
         if f"{key}_over_legrad_onnx" in r:
             print(f"{METHODS[key]} / LeGrad ONNX: {r[f'{key}_over_legrad_onnx']:.2f}x")

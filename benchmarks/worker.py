@@ -6,10 +6,15 @@ Prints one JSON line with the result. Methods:
   plain_onnx, legrad_onnx   an ONNX graph under onnxruntime (CPU)
   runtime                   legrad_runtime's LeGradModel.explain on uint8 images (preprocessing,
                             memory-budget batching): what an application gets
-  reference_torch           our autograd reference, legrad_reference (one image forward for all prompts)
-  authors_torch             the authors' approach emulated in PyTorch (see authors.py)
+  reference_torch           our autograd reference, legrad_reference (one image forward for all prompts);
+                            legrad_reference_siglip for MAP-head towers (with the empty-prompt correction
+                            when the folder has it on)
+  authors_torch             the authors' approach emulated in PyTorch (see authors.py; CLIP towers only)
   authors_released          the authors' released code itself (legrad_torch 1.1, open_clip 2.23.0 from
-                            .authors-site/, installed by tests/export/test_authors_parity.py)
+                            .authors-site/, installed by tests/export/test_authors_parity.py): per image
+                            for CLIP, per prompt (compute_legrad_siglip, all images) for MAP heads
+  save_weights              our seeded model's image-tower weights (and the empty-prompt embedding) to a
+                            file, so the released code, on its own open_clip, runs the same weights
   sweep                     LeGrad ONNX time as prompts or layers grow, interleaved with the plain forward
   agreement                 maps of two LeGrad graphs (fp32 vs int8) on the same inputs
   sanity                    LeGrad ONNX vs the autograd reference vs the authors' emulation (same weights)
@@ -62,7 +67,8 @@ def ort_session(spec: dict[str, Any], path: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def torch_model(spec: dict[str, Any]):
+def torch_loaded(spec: dict[str, Any]):
+    """Our LoadedModel with the same seeded random weights as bench.py's export."""
     import torch
 
     from legrad_export.load import load_openclip
@@ -70,7 +76,43 @@ def torch_model(spec: dict[str, Any]):
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["weight_seed"])  # the same random weights as bench.py's export
-    return load_openclip(spec["model_name"], "none").model
+    return load_openclip(spec["model_name"], "none", tokenizer=spec.get("tokenizer"))
+
+
+def torch_model(spec: dict[str, Any]):
+    return torch_loaded(spec).model
+
+
+def empty_embed(spec: dict[str, Any], loaded):
+    """The correction's empty-prompt embedding (E,) of a MAP-head model, or None when it is off."""
+    from legrad_export.graphs import empty_prompt_embed
+
+    if spec.get("head") != "map" or not spec.get("correction"):
+        return None
+    return empty_prompt_embed(loaded, spec["correction_prompt"])
+
+
+def torch_reference(spec: dict[str, Any], loaded) -> Callable[[Any, Any], Any]:
+    """run(pixels, text) of our autograd reference for this tower (tensors in, LeGradOutput out)."""
+    layers = list(spec["layers"])
+    if spec.get("head") == "map":
+        from legrad_export.reference_siglip import legrad_reference_siglip
+
+        empty, threshold = empty_embed(spec, loaded), spec.get("correction_threshold") or 0.8
+        return lambda x, t: legrad_reference_siglip(loaded.model, x, t, layers, empty, threshold)
+    from legrad_export.reference import legrad_reference
+
+    return lambda x, t: legrad_reference(loaded.model, x, t, layers)
+
+
+def save_weights(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    loaded = torch_loaded(spec)
+    torch.save(
+        {"visual": loaded.model.visual.state_dict(), "empty_embed": empty_embed(spec, loaded)}, spec["out"]
+    )
+    return {"weights": spec["out"]}
 
 
 def make_runner(spec: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -98,19 +140,39 @@ def make_runner(spec: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], Any]
     import torch
 
     if method == "reference_torch":
-        model = torch_model(spec)
-        from legrad_export.reference import legrad_reference
-
-        layers = list(spec["layers"])
-        return lambda x, t: legrad_reference(model, torch.from_numpy(x), torch.from_numpy(t), layers)
+        reference = torch_reference(spec, torch_loaded(spec))
+        return lambda x, t: reference(torch.from_numpy(x), torch.from_numpy(t))
     if method == "authors_released":  # their legrad_torch 1.1 on open_clip 2.23.0 (.authors-site first)
         import open_clip
         from legrad import LeWrapper
 
         torch.manual_seed(spec["weight_seed"])
-        wrapped = LeWrapper(
-            open_clip.create_model(spec["model_name"]).eval(), layer_index=spec["layer_index"]
-        )
+        model = open_clip.create_model(spec["model_name"]).eval()
+        saved = torch.load(spec["weights"]) if spec.get("weights") else None
+        if saved is not None:  # bench.py's weights, exactly (their open_clip may initialise otherwise)
+            model.visual.load_state_dict(saved["visual"])
+        wrapped = LeWrapper(model, layer_index=spec["layer_index"])
+        if spec.get("head") == "map":  # compute_legrad_siglip sums its prompts: one call per prompt
+            correction = bool(spec.get("correction"))
+            if correction:  # set, so that their code embeds no text (that would download a tokenizer)
+                wrapped.empty_embedding = saved["empty_embed"].reshape(-1, 1)
+
+            # their PatchEmbed (dynamic size, no padding) asserts a multiple of the patch: at a size
+            # the patches do not tile (SO400M-14 at 384) give it the covered pixels, the same patches
+            covered = spec["size"] // wrapped.patch_size * wrapped.patch_size
+
+            def run_released_siglip(x: np.ndarray, t: np.ndarray):
+                image = torch.from_numpy(np.ascontiguousarray(x[..., :covered, :covered]))
+                return [
+                    wrapped.compute_legrad(
+                        text_embedding=torch.from_numpy(t[p : p + 1]),
+                        image=image,
+                        apply_correction=correction,
+                    )
+                    for p in range(len(t))
+                ]
+
+            return run_released_siglip
 
         def run_released(x: np.ndarray, t: np.ndarray):
             text = torch.from_numpy(t)
@@ -143,7 +205,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     rss_loaded = current_rss_mb()
     pixels, text = inputs(spec, spec["batch"])
-    run(pixels, text)  # warm-up
+    for _ in range(spec.get("warmups", 1)):
+        run(pixels, text)
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
@@ -191,8 +254,9 @@ def sweep(spec: dict[str, Any]) -> dict[str, Any]:
         for p in sorted(counts):
             feeds = {"pixel_values": pixels, "text_embeds": text_all[:p]}
             cases[f"{name}|P={p}"] = lambda s=session, f=feeds: s.run(None, f)
-    for fn in cases.values():
-        fn()
+    for _ in range(spec.get("warmups", 1)):
+        for fn in cases.values():
+            fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(spec["repeats"]):
         for name, fn in cases.items():  # interleaved: background load hits every case alike
@@ -221,22 +285,22 @@ def agreement(spec: dict[str, Any]) -> dict[str, Any]:
 def sanity(spec: dict[str, Any]) -> dict[str, Any]:
     """Max abs differences between LeGrad ONNX, the autograd reference and the authors' emulation."""
     import torch
-    from authors import authors_legrad
 
-    from legrad_export.reference import legrad_reference
-
-    model = torch_model(spec)
+    loaded = torch_loaded(spec)
+    model = loaded.model
     pixels, text = inputs(spec, spec["batch"])
     heat, _, embeds = ort_session(spec, spec["graph"]).run(
         None, {"pixel_values": pixels, "text_embeds": text}
     )
     (plain_embeds,) = ort_session(spec, spec["plain_graph"]).run(None, {"pixel_values": pixels})
-    ref = legrad_reference(model, torch.from_numpy(pixels), torch.from_numpy(text), list(spec["layers"]))
+    ref = torch_reference(spec, loaded)(torch.from_numpy(pixels), torch.from_numpy(text))
     out = {
         "onnx_vs_reference_heatmaps": float(np.abs(heat - ref.heatmaps.numpy()).max()),
         "plain_vs_legrad_onnx_embeds": float(np.abs(plain_embeds - embeds).max()),
     }
-    if spec.get("layer_index") is not None:
+    if spec.get("layer_index") is not None and spec.get("head") != "map":  # the emulation is CLIP's
+        from authors import authors_legrad
+
         authors = authors_legrad(
             model, torch.from_numpy(pixels[:1]), torch.from_numpy(text), spec["layer_index"]
         )
@@ -246,7 +310,7 @@ def sanity(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    handlers = {"sweep": sweep, "agreement": agreement, "sanity": sanity}
+    handlers = {"sweep": sweep, "agreement": agreement, "sanity": sanity, "save_weights": save_weights}
     result = handlers.get(spec["method"], measure)(spec)
     print(json.dumps(result))
 
