@@ -82,7 +82,7 @@ def timed_export(model_name: str, size: int, out: Path) -> tuple[LoadedModel, Pa
 def export_plain_forward(loaded: LoadedModel, size: int, path: Path) -> float:
     """The image tower alone (pixels → normalised embeddings) as ONNX; returns seconds taken."""
     start = time.perf_counter()
-    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded), size).eval()
+    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded, size), size).eval()
     pixels = torch.randn(2, 3, size, size)
     with _quiet():
         program = torch.onnx.export(

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .legrad import LeGrad
 from .legrad_map import MapLeGrad
 from .load import LoadedModel, visual_state_dict
+from .towers import stem_module
 from .vit import ExplicitViT
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "TextGraph",
     "build_image_graph",
+    "explicit_vit",
     "empty_prompt_embed",
     "example_image_inputs",
 ]
@@ -31,6 +33,12 @@ def empty_prompt_embed(loaded: LoadedModel, prompt: str = EMPTY_PROMPT) -> torch
         return loaded.model.encode_text(loaded.tokenizer([prompt]), normalize=True)[0]
 
 
+def explicit_vit(loaded: LoadedModel, image_size: int) -> ExplicitViT:
+    """The explicit image tower at `image_size`, from copies of the model's tensors (and stem)."""
+    sd = visual_state_dict(loaded, image_size)
+    return ExplicitViT(loaded.vit, sd, image_size, stem_module(loaded.model, loaded.vit))
+
+
 def build_image_graph(
     loaded: LoadedModel,
     image_size: int,
@@ -42,7 +50,7 @@ def build_image_graph(
 
     `correction` and `threshold` apply to MAP-head towers (SigLIP's empty-prompt correction).
     """
-    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded), image_size)
+    vit = explicit_vit(loaded, image_size)
     if loaded.vit.explains_head:
         empty = empty_prompt_embed(loaded) if correction else None
         return MapLeGrad(vit, layers, empty, threshold).eval()

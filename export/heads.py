@@ -19,25 +19,58 @@ import torch.nn.functional as F
 from .ops import LayerNorm, activation, activation_derivative, frozen
 from .towers import TowerSpec
 
-__all__ = ["TokenMeanHead", "MapHead", "MapTrace"]
+__all__ = ["HeadTrace", "TokenMeanHead", "MapHead", "MapTrace"]
+
+
+class HeadTrace(NamedTuple):
+    """Per image and explained layer, what every prompt's backward through the token-mean head shares."""
+
+    f_hat: torch.Tensor  # (B, E) normalised layer embedding
+    f_norm: torch.Tensor  # (B, 1) its norm before normalising
+    u_hat: torch.Tensor  # (B, D) LN_post's normalised input (the token mean)
+    u_rstd: torch.Tensor  # (B, 1)
 
 
 class TokenMeanHead(nn.Module):
-    """f = LN_post(token 0 or token mean) @ proj, as the tower pools; LeGrad's layers use the mean."""
+    """f = LN_post(token 0 or token mean) @ proj (+ bias), as the tower pools; LeGrad's layers use the
+    mean of all tokens, and `backward` takes a score's gradient back to that mean's tokens."""
 
     def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor]):
         super().__init__()
         self.spec = spec
         self.ln_post = LayerNorm(sd, "head.norm.", spec.eps)
         self.proj = frozen(sd["head.proj"])  # (D, E)
+        bias = sd.get("head.proj_bias")
+        self.proj_bias = None if bias is None else frozen(bias)  # (E,) timm's classifier (MobileCLIP)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        f = self.ln_post(pooled) @ self.proj
+        return f if self.proj_bias is None else f + self.proj_bias
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's own image embedding (unnormalised) from the last block's tokens (B, N, D)."""
         if self.spec.pool_type == "tok":  # LayerNorm is per token: pooling first changes nothing
-            return self.ln_post(tokens[:, 0]) @ self.proj
+            return self.project(tokens[:, 0])
+        patches = tokens[:, self.spec.prefix_tokens :]
         if self.spec.final_ln_after_pool:
-            return self.ln_post(tokens[:, 1:].mean(1)) @ self.proj
-        return self.ln_post(tokens)[:, 1:].mean(1) @ self.proj
+            return self.project(patches.mean(1))
+        f = self.ln_post(tokens)[:, self.spec.prefix_tokens :].mean(1) @ self.proj
+        return f if self.proj_bias is None else f + self.proj_bias
+
+    def forward_traced(self, z: torch.Tensor) -> HeadTrace:
+        """LeGrad's layer embedding of a block output z (B, N, D): the mean of all N tokens."""
+        u = z.mean(1)  # (B, D)
+        u_hat, u_rstd = self.ln_post.normalize(u)
+        f = self.project(u)  # (B, E)
+        f_norm = f.norm(dim=-1, keepdim=True)  # (B, 1)
+        return HeadTrace(f / f_norm, f_norm, u_hat, u_rstd)
+
+    def backward(self, trace: HeadTrace, text_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """∂(t · f̂)/∂z[i] for one prompt (E,): (B, D), the same for every token i."""
+        s = trace.f_hat @ text_embed  # (B,)
+        g_f = (text_embed - s.unsqueeze(-1) * trace.f_hat) / trace.f_norm  # (B, E)
+        g_u = self.ln_post.backward(g_f @ self.proj.T, trace.u_hat, trace.u_rstd)  # (B, D)
+        return g_u / num_tokens
 
 
 class MapTrace(NamedTuple):

@@ -4,7 +4,7 @@ See shared/design/legrad.md. For layer l and prompt p, with z_l the block output
 
     f = LN_post(mean_i z_l[i]) @ proj,   s = t_p · f / ‖f‖
     G[h,i,j] = ∂s/∂A_l[h,i,j] = U_h[i] · V_h[j]     (U: the backward path through block l's MLP)
-    E[j] = mean_h mean_i max(0, G[h,i,j]),  j ≥ 1
+    E[j] = mean_h mean_i max(0, G[h,i,j]),  j over the patch tokens (a class token's column dropped)
 
 One image forward serves every prompt; only a short backward runs per prompt and layer. The
 backward is split in two: `prepare_layer` computes, once per image, everything that does not
@@ -33,7 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan
 
-from .ops import activation_derivative
+from .heads import HeadTrace
+from .legrad_geglu import GegluWeights, geglu_prompt_map, prepare_geglu_layer
+from .ops import activation_derivative, relevance
 from .vit import Block, BlockTrace, ExplicitViT
 
 __all__ = ["LeGrad", "BackwardWeights", "LayerPrep", "prepare_layer", "prompt_map", "min_max", "upsample"]
@@ -74,53 +76,35 @@ class BackwardWeights(nn.Module):
 class LayerPrep(NamedTuple):
     """Per image and layer, what every prompt's backward shares."""
 
-    f_hat: torch.Tensor  # (B, E) normalised layer embedding
-    f_norm: torch.Tensor  # (B, 1) its norm before normalising
-    u_hat: torch.Tensor  # (B, D) LN_post's normalised input (the token mean)
-    u_rstd: torch.Tensor  # (B, 1)
+    head: HeadTrace  # the layer embedding and LN_post's statistics
     a: torch.Tensor  # (B, N, M) rstd_i · act'(pre_i)
     q: torch.Tensor  # (B, N, M) rstd_i · act'(pre_i) ⊙ r_i / D
     w: torch.Tensor  # (B, N, D) x̂_i @ diag(γ1) W_o
-    v: torch.Tensor  # (B, H, dh, N-1) attention values of the patch tokens, transposed
+    v: torch.Tensor  # (B, H, dh, N-R) attention values of the patch tokens, transposed
 
 
 def prepare_layer(vit: ExplicitViT, block: Block, weights: BackwardWeights, trace: BlockTrace) -> LayerPrep:
     """The prompt-independent part of one layer's backward, for every image."""
     D = trace.z.shape[-1]
-    u = trace.z.mean(1)  # (B, D)
-    head = vit.head
-    u_hat, u_rstd = head.ln_post.normalize(u)
-    f = head.ln_post(u) @ head.proj  # (B, E)
-    f_norm = f.norm(dim=-1, keepdim=True)  # (B, 1)
     mid_hat, mid_rstd = block.ln_2.normalize(trace.x_mid)  # (B, N, D), (B, N, 1)
     a = mid_rstd * activation_derivative(trace.pre, vit.cfg.activation)  # (B, N, M)
     q = a * ((trace.pre - weights.pre_offset) / D)  # (B, N, M)
     w = mid_hat @ weights.wo_g1  # (B, N, D)
-    v = trace.v[:, :, 1:].transpose(-1, -2)  # (B, H, dh, N-1): CLS column dropped
-    return LayerPrep(f / f_norm, f_norm, u_hat, u_rstd, a, q, w, v)
+    v = trace.v[:, :, vit.cfg.prefix_tokens :].transpose(-1, -2)  # (B, H, dh, N-R): a CLS column dropped
+    return LayerPrep(vit.head.forward_traced(trace.z), a, q, w, v)
 
 
 def prompt_map(
     vit: ExplicitViT, weights: BackwardWeights, prep: LayerPrep, text_embed: torch.Tensor
 ) -> torch.Tensor:
-    """Raw LeGrad map of one layer for one prompt (E,) and every image: (B, N-1)."""
-    B, N, _ = prep.w.shape
-    H = vit.cfg.heads
-
-    # score s = t · f̂ and its gradient w.r.t. f; back through LN_post and the token mean
-    s = prep.f_hat @ text_embed  # (B,)
-    g_f = (text_embed - s.unsqueeze(-1) * prep.f_hat) / prep.f_norm  # (B, E)
-    g_u = vit.head.ln_post.backward(g_f @ vit.head.proj.T, prep.u_hat, prep.u_rstd)  # (B, D)
-    g_z = g_u / N  # (B, D): the same gradient reaches every token
+    """Raw LeGrad map of one layer for one prompt (E,) and every image: (B, N-R)."""
+    g_z = vit.head.backward(prep.head, text_embed, prep.w.shape[1])  # (B, D), the same for every token
 
     # back through the MLP, LN_2 and the output projection (folded, see the module docstring)
     g_hidden = (g_z @ weights.proj_g2).unsqueeze(1)  # (B, 1, M)
     c = prep.q @ g_hidden.transpose(1, 2)  # (B, N, 1)
     U = (prep.a * g_hidden) @ weights.k - c * prep.w + (g_z @ weights.wo_g1).unsqueeze(1)  # (B, N, D)
-
-    U = U.reshape(B, N, H, -1).transpose(1, 2)  # (B, H, N, dh)
-    G = U @ prep.v  # (B, H, N, N-1)
-    return torch.relu(G).mean(dim=(1, 2))  # (B, N-1)
+    return relevance(U, prep.v)
 
 
 class LeGrad(nn.Module):
@@ -139,7 +123,11 @@ class LeGrad(nn.Module):
             raise ValueError(f"layers {bad} out of range for a {vit.cfg.num_layers}-block model")
         self.vit = vit
         self.layers = tuple(sorted(set(layers)))
-        self.backward_weights = nn.ModuleList(BackwardWeights(vit.blocks[i]) for i in self.layers)
+        geglu = vit.cfg.mlp == "geglu"  # ViTamin: its own backward stage (legrad_geglu.py)
+        weights = GegluWeights if geglu else BackwardWeights
+        self.backward_weights = nn.ModuleList(weights(vit.blocks[i]) for i in self.layers)
+        self._prepare = prepare_geglu_layer if geglu else prepare_layer
+        self._prompt_map = geglu_prompt_map if geglu else prompt_map
 
     def forward(
         self, pixel_values: torch.Tensor, text_embeds: torch.Tensor
@@ -147,23 +135,24 @@ class LeGrad(nn.Module):
         tokens, traces = self.vit.forward_traced(pixel_values, self.layers)
         image_embeds = F.normalize(self.vit.head(tokens), dim=-1)  # (B, E)
         preps = [
-            prepare_layer(self.vit, self.vit.blocks[i], weights, trace)
+            self._prepare(self.vit, self.vit.blocks[i], weights, trace)
             for i, weights, trace in zip(self.layers, self.backward_weights, traces)
         ]
 
         def one_prompt(count: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             maps = [
-                prompt_map(self.vit, w, prep, text_embed) for w, prep in zip(self.backward_weights, preps)
+                self._prompt_map(self.vit, w, prep, text_embed)
+                for w, prep in zip(self.backward_weights, preps)
             ]
-            return count + 1, torch.stack(maps, dim=1)  # (B, L, N-1)
+            return count + 1, torch.stack(maps, dim=1)  # (B, L, N-R)
 
         # one prompt at a time, so per-prompt memory stays flat as P grows: an ONNX Scan when traced;
         # a plain loop in eager mode, where scan would run through dynamo on every call (slow)
         if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-            _, maps = scan(one_prompt, torch.zeros((), dtype=torch.int64), text_embeds)  # (P, B, L, N-1)
+            _, maps = scan(one_prompt, torch.zeros((), dtype=torch.int64), text_embeds)  # (P, B, L, N-R)
         else:
             count = torch.zeros((), dtype=torch.int64)
-            maps = torch.stack([one_prompt(count, t)[1] for t in text_embeds])  # (P, B, L, N-1)
+            maps = torch.stack([one_prompt(count, t)[1] for t in text_embeds])  # (P, B, L, N-R)
         B, g = pixel_values.shape[0], self.vit.grid
         layer_maps = maps.transpose(0, 1).reshape(B, -1, len(self.layers), g, g)  # (B, P, L, g, g)
         heatmaps = min_max(upsample(layer_maps.sum(2), self.vit.image_size))  # (B, P, S, S)

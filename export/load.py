@@ -301,6 +301,8 @@ def default_layer_spec(loaded: LoadedModel) -> str:
     return loaded.defaults.layers or str(DEFAULT_LAYERS)
 
 
-def visual_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """The image tower's tensors under the canonical names (views; the exporter copies what it keeps)."""
-    return canonical_state_dict(loaded.model, loaded.vit)
+def visual_state_dict(loaded: LoadedModel, image_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The image tower's tensors under the canonical names (views; the exporter copies what it keeps),
+    for input of `image_size` px (default: the model's own)."""
+    grid = None if image_size is None else image_size // loaded.vit.patch_size
+    return canonical_state_dict(loaded.model, loaded.vit, grid)

@@ -88,11 +88,6 @@ def resolve_image_size(
     patch = loaded.vit.patch_size
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ExportError(f"image size {size!r} must be a positive multiple of the patch size {patch}")
-    if loaded.vit.rope and size != native:
-        raise ExportError(
-            f"{loaded.model_name} exports at its own size {native} only: its RoPE table is built for "
-            f"the {loaded.vit.native_grid}×{loaded.vit.native_grid} grid (drop --image-size)"
-        )
     if size % patch and not (size == native and loaded.vit.explains_head):
         lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
         raise ExportError(

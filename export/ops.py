@@ -1,4 +1,5 @@
-"""The two stages every block and head share, each forward next to its backward: LayerNorm, activations."""
+"""The stages every block and head share, each forward next to its backward: LayerNorm, activations;
+and `relevance`, LeGrad's map of one self-attention from the gradient reaching its output."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["frozen", "LayerNorm", "activation", "activation_derivative"]
+__all__ = ["frozen", "LayerNorm", "activation", "activation_derivative", "relevance"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -57,3 +58,11 @@ def activation_derivative(x: torch.Tensor, kind: str) -> torch.Tensor:
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     return cdf + x * pdf
+
+
+def relevance(g_o: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    """mean_h mean_i max(0, ∂s/∂A[h, i, j]) from g_o = ∂s/∂(A V) (B, N, D) and the values of the
+    explained columns j, transposed, v_t (B, H, dh, J): ∂s/∂A[h, i, j] = g_o,h[i] · v_h[j]. (B, J)."""
+    B, N, _ = g_o.shape
+    U = g_o.reshape(B, N, v_t.shape[1], -1).transpose(1, 2)  # (B, H, N, dh)
+    return torch.relu(U @ v_t).mean(dim=(1, 2))

@@ -14,11 +14,13 @@ positional embedding is resampled into a new tensor as timm's `dynamic_img_size`
 antialiased), which is what the authors' wrapper switches on.
 
 PE-Core (a timm `Eva` trunk, which the authors' code does not handle) follows the same rule with
-what its trunk adds (docs/towers.md): a class token, whose column is dropped; RoPE in the blocks,
-at the native size only (timm caches its table for that grid); and a Linear after the pool.
+what its trunk adds (docs/towers.md): a class token, whose column is dropped; RoPE in the blocks
+(at another size, timm's own resizing of a copy of the trunk); and a Linear after the pool.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +48,18 @@ def map_head_with_attention(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return pooled, attn
 
 
+def _eva_at(trunk, size: int):
+    """The Eva trunk for size×size input: itself at its own size, else a resized deep copy (timm's
+    `set_input_size` resamples the positions and rebuilds the RoPE table); the model is not touched."""
+    if (size, size) == tuple(trunk.patch_embed.img_size):
+        return trunk
+    resized = copy.deepcopy(trunk)
+    resized.set_input_size(img_size=(size, size))
+    return resized
+
+
 def _embed_eva(trunk, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PE-Core (timm Eva): class token (if any) and patch tokens with positions, and the RoPE table."""
-    if tuple(pixel_values.shape[-2:]) != tuple(trunk.patch_embed.img_size):
-        raise ValueError(
-            f"this Eva trunk's RoPE table is cached for {trunk.patch_embed.img_size} px input only"
-        )
     x = trunk.patch_embed(pixel_values)  # (B, g·g, D)
     if trunk.cls_token is not None:  # PE-Core-bigG has none
         x = torch.cat([trunk.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -113,6 +121,8 @@ def legrad_reference_siglip(
     patch = trunk.patch_embed.patch_size[0]
     grid = pixel_values.shape[-1] // patch
     eva = trunk.__class__.__name__ == "Eva"
+    if eva:
+        trunk = _eva_at(trunk, pixel_values.shape[-1])
     with torch.no_grad():
         x, rope = _embed_eva(trunk, pixel_values) if eva else (_embed(trunk, pixel_values), None)
         tokens = []

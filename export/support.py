@@ -44,14 +44,18 @@ def _timm_family(timm_name: str, pool: str | None) -> Support:
     if timm_name.startswith("swin"):
         return Support("timm Swin", False, f"windowed attention over shifted windows; {_PLANNED}")
     if timm_name.startswith("vitamin"):
-        return Support("timm ViTamin", False, f"convolutional stages before its ViT blocks; {_PLANNED}")
+        return Support("timm ViTamin", True)
     if timm_name.startswith("eva"):
         return Support("timm EVA", False, f"EVA blocks (RoPE, SwiGLU); {_PLANNED}")
     if timm_name.startswith("vit_pe_core"):
-        return Support("timm PE-Core", True, "native size only: its RoPE table is built for that grid")
+        return Support("timm PE-Core", True)
     if pool == "map":
         return Support("timm SigLIP ViT", True)
-    return Support("timm ViT", False, f"a timm ViT tower (MobileCLIP, relpos, GAP); {_PLANNED}")
+    if timm_name.startswith("vit_relpos"):
+        return Support(
+            "timm ViT, relative positions", False, f"a relative position bias in its attention; {_PLANNED}"
+        )
+    return Support("timm ViT", True)  # pooled by a class token or the token mean: MobileCLIP, GAP
 
 
 def model_support(model_name: str) -> Support:

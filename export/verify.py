@@ -18,6 +18,7 @@ from .graphs import example_image_inputs
 from .load import LoadedModel
 from .reference import LeGradOutput, legrad_reference
 from .reference_siglip import legrad_reference_siglip
+from .reference_timm import legrad_reference_timm
 
 __all__ = ["VERIFY_PROMPTS", "reference", "verify_export"]
 
@@ -39,6 +40,8 @@ def reference(
     """The autograd reference of the tower's kind; `empty_embed` turns on a MAP head's correction."""
     if loaded.vit.explains_head:
         return legrad_reference_siglip(loaded.model, pixels, text, layers, empty_embed, threshold)
+    if loaded.vit.family == "timm_vit":
+        return legrad_reference_timm(loaded.model, pixels, text, layers)
     return legrad_reference(loaded.model, pixels, text, layers)
 
 

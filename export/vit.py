@@ -70,7 +70,7 @@ class BlockTrace(NamedTuple):
 
 
 class Block(nn.Module):
-    """x_mid = x + γ1·Attn(LN1(x));  z = x_mid + γ2·MLP(LN2(x_mid))."""
+    """x_mid = x + γ1·Attn(LN1(x));  z = x_mid + γ2·MLP(LN2(x_mid)); MLP plain or GeGLU (spec.mlp)."""
 
     def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor], prefix: str):
         super().__init__()
@@ -81,10 +81,20 @@ class Block(nn.Module):
         self.in_proj_bias = frozen(sd[prefix + "attn.qkv.bias"])
         self.out_proj_weight = frozen(sd[prefix + "attn.proj.weight"])  # (D, D)
         self.out_proj_bias = frozen(sd[prefix + "attn.proj.bias"])
-        self.fc_weight = frozen(sd[prefix + "mlp.fc1.weight"])  # (M, D)
-        self.fc_bias = frozen(sd[prefix + "mlp.fc1.bias"])
-        self.proj_weight = frozen(sd[prefix + "mlp.fc2.weight"])  # (D, M)
-        self.proj_bias = frozen(sd[prefix + "mlp.fc2.bias"])
+        self.ln_mlp = None
+        if spec.mlp == "geglu":  # LN → act(w0) ⊙ w1 → w2; w0 and w1 stacked into one (2M, D) product
+            self.ln_mlp = LayerNorm(sd, prefix + "mlp.norm.", spec.eps)
+            fc = [sd[f"{prefix}mlp.w{i}.{kind}"] for kind in ("weight", "bias") for i in (0, 1)]
+            self.fc_weight, self.fc_bias = frozen(torch.cat(fc[:2])), frozen(torch.cat(fc[2:]))
+            self.proj_weight, self.proj_bias = (
+                frozen(sd[prefix + "mlp.w2.weight"]),
+                frozen(sd[prefix + "mlp.w2.bias"]),
+            )
+        else:
+            self.fc_weight = frozen(sd[prefix + "mlp.fc1.weight"])  # (M, D)
+            self.fc_bias = frozen(sd[prefix + "mlp.fc1.bias"])
+            self.proj_weight = frozen(sd[prefix + "mlp.fc2.weight"])  # (D, M)
+            self.proj_bias = frozen(sd[prefix + "mlp.fc2.bias"])
         ones = torch.ones(spec.width)
         self.gamma_1 = frozen(sd.get(prefix + "ls1.gamma", ones))
         self.gamma_2 = frozen(sd.get(prefix + "ls2.gamma", ones))
@@ -108,8 +118,16 @@ class Block(nn.Module):
     def forward_traced(self, x: torch.Tensor, rope: Rope | None = None) -> BlockTrace:
         o, v = self.attention(x, rope)
         x_mid = x + self.gamma_1 * o
-        pre = F.linear(self.ln_2(x_mid), self.fc_weight, self.fc_bias)  # (B, N, M)
-        mlp = F.linear(activation(pre, self.spec.activation), self.proj_weight, self.proj_bias)
+        y = self.ln_2(x_mid)
+        if self.ln_mlp is not None:
+            y = self.ln_mlp(y)
+        pre = F.linear(y, self.fc_weight, self.fc_bias)  # (B, N, M), or (B, N, 2M): [a0, a1]
+        if self.ln_mlp is not None:
+            gate, lin = pre.chunk(2, dim=-1)
+            hidden = activation(gate, self.spec.activation) * lin
+        else:
+            hidden = activation(pre, self.spec.activation)
+        mlp = F.linear(hidden, self.proj_weight, self.proj_bias)
         return BlockTrace(x_mid, pre, v, x_mid + self.gamma_2 * mlp)
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
@@ -119,26 +137,43 @@ class Block(nn.Module):
 class ExplicitViT(nn.Module):
     """The image tower at a fixed input size; `pos_embed` is resampled once, at build time."""
 
-    def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor], image_size: int):
+    def __init__(
+        self, spec: TowerSpec, sd: dict[str, torch.Tensor], image_size: int, stem: nn.Module | None = None
+    ):
         super().__init__()
         if image_size < spec.patch_size:
             raise ValueError(f"image size {image_size} is smaller than the patch size {spec.patch_size}")
         self.cfg = spec
         self.image_size = image_size
         self.grid = image_size // spec.patch_size  # the convolution floors, as timm's patch embedding does
-        self.conv_weight = frozen(sd["patch_embed.proj.weight"])  # (D, 3, p, p)
-        bias = sd.get("patch_embed.proj.bias")
-        self.conv_bias = None if bias is None else frozen(bias)
+        self.stem = None
+        if spec.stem == "hybrid":  # a frozen copy of the tower's convolutional stem (towers.stem_module)
+            if stem is None:
+                raise ValueError(
+                    "this tower has a convolutional stem: pass stem=towers.stem_module(model, spec)"
+                )
+            self.stem = stem
+            with torch.no_grad():
+                tokens = stem(torch.zeros(1, 3, image_size, image_size)).shape[1]
+            if tokens != self.grid * self.grid:
+                raise ValueError(
+                    f"the stem makes {tokens} tokens of a {image_size} px image, not {self.grid}²: "
+                    f"use a multiple of its stride {spec.patch_size}"
+                )
+        else:
+            self.conv_weight = frozen(sd["patch_embed.proj.weight"])  # (D, 3, p, p)
+            bias = sd.get("patch_embed.proj.bias")
+            self.conv_bias = None if bias is None else frozen(bias)
         self.class_embedding = frozen(sd["cls_token"]) if spec.prefix_tokens else None  # (D,)
         pos = resample_pos_embed(sd["pos_embed"].float(), self.grid, spec.prefix_tokens)
         self.pos_embed = frozen(pos)  # (N, D)
         self.ln_pre = LayerNorm(sd, "norm_pre.", spec.eps) if "norm_pre.weight" in sd else None
         self.rope = None
         if spec.rope:
-            if self.grid != spec.native_grid:
+            if sd["rope"].shape[0] != self.grid * self.grid:
                 raise ValueError(
-                    f"this tower's RoPE table is built for its native {spec.native_grid}×{spec.native_grid} "
-                    f"grid only; export it at {spec.native_grid * spec.patch_size} px"
+                    f"the state dict's RoPE table has {sd['rope'].shape[0]} rows, not {self.grid}² for "
+                    f"{image_size} px: build it for this size (visual_state_dict(loaded, {image_size}))"
                 )
             self.rope = Rope(sd["rope"], spec.prefix_tokens)
         self.blocks = nn.ModuleList(Block(spec, sd, f"blocks.{i}.") for i in range(spec.num_layers))
@@ -149,10 +184,11 @@ class ExplicitViT(nn.Module):
         return self.cfg.tokens(self.grid)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(
-            pixel_values, self.conv_weight, self.conv_bias, stride=self.cfg.patch_size
-        )  # (B, D, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
+        if self.stem is not None:
+            x = self.stem(pixel_values)  # (B, g*g, D)
+        else:
+            x = F.conv2d(pixel_values, self.conv_weight, self.conv_bias, stride=self.cfg.patch_size)
+            x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B, N, D)
         x = x + self.pos_embed

@@ -287,6 +287,101 @@ def save_tiny_siglip_model(root: Path, variant: str, seed: int = 0) -> Path:
     return folder
 
 
+# timm token-mean towers (the CLIP rule): MobileCLIP's conv stem, MobileCLIP2-L's plain CLIP ViT, ViTamin
+def legrad_tiny_mobileclip(pretrained: bool = False, **kwargs):
+    """MobileCLIP-B's `vit_base_mci_224`, shrunk: a 3-conv ConvStem (stride 16), a class token without
+    a position, token pooling, timm's classifier as the projection."""
+    from timm.models.vision_transformer_hybrid import ConvStem, _create_vision_transformer_hybrid
+
+    backbone = ConvStem(
+        channels=(16, 16, 64), stride=(4, 2, 2), kernel_size=(4, 2, 2), padding=0, act_layer=torch.nn.GELU
+    )
+    args = dict(img_size=64, embed_dim=64, depth=3, num_heads=4, no_embed_class=True)
+    return _create_vision_transformer_hybrid(
+        "legrad_tiny_mobileclip", backbone=backbone, embed_args=dict(proj=False), **dict(args, **kwargs)
+    )
+
+
+def legrad_tiny_clip_l14(pretrained: bool = False, **kwargs):
+    """MobileCLIP2-L-14's `vit_large_patch14_clip_224`, shrunk: patch 14, `norm_pre`, a class token;
+    LayerScale added so the math's γ cannot be skipped."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    args = dict(
+        img_size=56, patch_size=14, embed_dim=64, depth=3, num_heads=4, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5), init_values=0.5,
+    )  # fmt: skip
+    return _create_vision_transformer("legrad_tiny_clip_l14", pretrained=False, **dict(args, **kwargs))
+
+
+def legrad_tiny_vitamin(pretrained: bool = False, **kwargs):
+    """ViTamin-S, shrunk: an MbConv stem (stride 16), no class token, mean pooling, GeGLU MLPs."""
+    from timm.models.vitamin import GeGluMlp, VitCfg, VitConvCfg, _create_vitamin
+
+    embed_cfg = VitCfg(
+        embed_dim=(16, 32, 64),
+        depths=(1, 1, 1),
+        stem_width=16,
+        conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6),
+        head_type="1d",
+    )
+    args = dict(
+        img_size=64, embed_dim=64, depth=3, num_heads=4, mlp_layer=GeGluMlp, mlp_ratio=2.0,
+        class_token=False, global_pool="avg", embed_cfg=embed_cfg,
+    )  # fmt: skip
+    return _create_vitamin("legrad_tiny_vitamin", pretrained=False, **dict(args, **kwargs))
+
+
+def _register_tiny_token_trunks() -> None:
+    import timm
+    from timm.models import register_model
+
+    for build in (legrad_tiny_mobileclip, legrad_tiny_clip_l14, legrad_tiny_vitamin):
+        if build.__name__ not in timm.list_models(build.__name__):
+            register_model(build)
+
+
+_register_tiny_token_trunks()
+
+# variant → (timm trunk, image size, open_clip's timm_pool / timm_proj as the real config has them)
+TIMM_TOKEN_VARIANTS = {
+    "mobileclip": ("legrad_tiny_mobileclip", 64, "token", None),  # MobileCLIP-B, MobileCLIP2-B
+    "clip_l14": ("legrad_tiny_clip_l14", 56, "token", None),  # MobileCLIP2-L-14
+    "vitamin": ("legrad_tiny_vitamin", 64, "", "linear"),  # ViTamin-*
+}
+
+
+def tiny_timm_token_cfg(variant: str) -> dict:
+    trunk, size, pool, proj = TIMM_TOKEN_VARIANTS[variant]
+    vision = {"image_size": size, "timm_model_name": trunk, "timm_model_pretrained": False}
+    return {
+        "embed_dim": 48,  # ≠ width 64: the projection cannot be skipped
+        "custom_text": True,
+        "vision_cfg": vision | {"timm_pool": pool, "timm_proj": proj},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+def save_tiny_timm_token_model(root: Path, variant: str, seed: int = 0) -> Path:
+    """A local-dir: folder of a tiny timm token-mean tower (CLIP tokenizer); norms, LayerScale and the
+    projection's bias perturbed away from their init."""
+    cfg = tiny_timm_token_cfg(variant)
+    folder = root / f"tiny-{variant}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if "norm" in name or name.endswith(("gamma", "head.bias")):
+                p.add_(0.2 * torch.randn_like(p))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
 def random_inputs(batch: int, prompts: int, size: int, embed_dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, size, size, generator=gen)
@@ -350,6 +445,8 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
     )
     pe_core = load_openclip(str(save_tiny_pe_core_model(out / "source")))
     folders["pe_core"] = export_model(pe_core, out / "pe_core", ExportSettings(overwrite=True))
+    vitamin = load_openclip(str(save_tiny_timm_token_model(out / "source", "vitamin")))
+    folders["vitamin"] = export_model(vitamin, out / "vitamin", ExportSettings(overwrite=True))
     write_hf_tokenizer_cases(out / HF_TOKENIZER_CASES)
     return folders
 

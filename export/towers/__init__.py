@@ -11,10 +11,19 @@ import torch.nn as nn
 
 from legrad_runtime.errors import UnsupportedModelError
 
-from . import openclip_vit, timm_eva, timm_vit
-from .spec import Activation, Head, TowerSpec
+from . import openclip_vit, timm_eva, timm_token_vit, timm_vit
+from .spec import Activation, Head, Mlp, Stem, TowerSpec
 
-__all__ = ["TowerSpec", "Activation", "Head", "describe_tower", "canonical_state_dict"]
+__all__ = [
+    "TowerSpec",
+    "Activation",
+    "Head",
+    "Mlp",
+    "Stem",
+    "describe_tower",
+    "canonical_state_dict",
+    "stem_module",
+]
 
 
 def describe_tower(model: nn.Module, model_name: str = "model") -> TowerSpec:
@@ -24,16 +33,33 @@ def describe_tower(model: nn.Module, model_name: str = "model") -> TowerSpec:
         return openclip_vit.describe(visual, model_name)
     if timm_vit.is_timm_map_vit(visual):
         return timm_vit.describe(visual, model_name)
+    if timm_token_vit.is_timm_token_vit(visual):
+        return timm_token_vit.describe(visual, model_name)
     if timm_eva.is_timm_eva_map(visual):
         return timm_eva.describe(visual, model_name)
     kind = type(visual).__name__ if visual is not None else "no image tower"
     raise UnsupportedModelError(
         f"{model_name}'s image tower is {kind}, which LeGrad export does not support; it exports "
-        "OpenCLIP ViTs (e.g. ViT-B-16), SigLIP/SigLIP2 and PE-Core towers; see `legrad-export --list-models`"
+        "OpenCLIP ViTs (e.g. ViT-B-16), SigLIP/SigLIP2, PE-Core, MobileCLIP and ViTamin towers; "
+        "see `legrad-export --list-models`"
     )
 
 
-def canonical_state_dict(model: nn.Module, spec: TowerSpec) -> dict[str, torch.Tensor]:
-    """The image tower's tensors (views; the explicit model copies what it keeps), canonical names."""
-    adapter = {"openclip_vit": openclip_vit, "timm_vit": timm_vit, "timm_eva": timm_eva}[spec.family]
+def canonical_state_dict(
+    model: nn.Module, spec: TowerSpec, grid: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The image tower's tensors (views; the explicit model copies what it keeps), canonical names.
+
+    `grid` (default: the native one) only matters to towers whose tensors depend on it: a RoPE table.
+    """
+    if spec.family == "timm_eva":
+        return timm_eva.canonical_state_dict(model.visual, spec.native_grid if grid is None else grid)
+    if spec.family == "timm_vit" and spec.head == "token_mean":
+        return timm_token_vit.canonical_state_dict(model.visual)
+    adapter = {"openclip_vit": openclip_vit, "timm_vit": timm_vit}[spec.family]
     return adapter.canonical_state_dict(model.visual)
+
+
+def stem_module(model: nn.Module, spec: TowerSpec) -> nn.Module | None:
+    """A frozen copy of the tower's convolutional stem when it has one (spec.stem "hybrid"), else None."""
+    return timm_token_vit.stem_module(model.visual) if spec.stem == "hybrid" else None

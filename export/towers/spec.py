@@ -9,11 +9,15 @@ Canonical names (D width, M MLP width, E embedding, N tokens, R = prefix_tokens)
     patch_embed.proj.weight (D, 3, p, p), patch_embed.proj.bias (D,)?    cls_token (D,)?  if R = 1
     pos_embed (R + g·g, D)                                               norm_pre.{weight,bias}?
     blocks.{i}.norm1 / attn.qkv (3D, D) / attn.proj / ls1.gamma? / norm2 / mlp.fc1 / mlp.fc2 / ls2.gamma?
-    head "token_mean": head.norm.{weight,bias}, head.proj (D, E)
+        mlp "geglu": mlp.norm / mlp.w0 (M, D) / mlp.w1 (M, D) / mlp.w2 (D, M) instead of fc1/fc2 (ViTamin)
+    head "token_mean": head.norm.{weight,bias}, head.proj (D, E), head.proj_bias (E,)?
     head "map":        norm.{weight,bias} (the trunk's final norm), pool.latent (1, D),
                        pool.q / pool.kv (2D, D) / pool.proj / pool.norm / pool.mlp.fc1 / pool.mlp.fc2,
                        head.fc.{weight,bias}? (E, D): a projection after the pool (PE-Core)
-    rope (g·g, 2·head_dim)?: a RoPE table, sin then cos, for the native grid (PE-Core)
+    rope (g·g, 2·head_dim)?: a RoPE table, sin then cos, for the export grid (PE-Core)
+
+A "hybrid" stem (MobileCLIP-B, ViTamin) is a convolutional module, not tensors: the adapter hands
+the explicit model a frozen copy (`stem_module`), and `patch_size` is its total stride.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["TowerSpec", "Activation", "Head"]
+__all__ = ["TowerSpec", "Activation", "Head", "Stem", "Mlp"]
 
 Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 Head = Literal["token_mean", "map"]
+Stem = Literal["patch", "hybrid"]
+Mlp = Literal["plain", "geglu"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class TowerSpec:
     eps: float = 1e-5
     head_heads: int = 0  # map: the attention pool's heads
     rope: bool = False  # 2-D RoPE (interleaved) on the patch tokens' q and k, table `rope` (PE-Core)
+    stem: Stem = "patch"  # patch: one strided convolution; hybrid: a convolutional stem module
+    mlp: Mlp = "plain"  # plain: fc1 → act → fc2; geglu: LN → act(w0)·w1 → w2 (ViTamin)
 
     @property
     def head_dim(self) -> int:

@@ -3,8 +3,9 @@
 Its blocks are `EvaBlock`s with fused-qkv `AttentionRope` (RoPE on the patch tokens' q and k,
 interleaved), optional LayerScale (`gamma_1`/`gamma_2`), a class token (not in bigG), `norm_pre`, the same
 single-latent MAP head as SigLIP, and a Linear projection after it (`trunk.head`). The RoPE table
-is cached by timm for the native grid only, so it travels in the canonical state dict as `rope`
-(g·g, 2·head_dim: sin then cos) and fixes the export size to the native one.
+(g·g, 2·head_dim: sin then cos) travels in the canonical state dict as `rope`, built for the export
+grid from the trunk's frequency bands as timm builds it when the trunk is resized (`set_input_size`):
+positions are rescaled to the native grid (`ref_feat_shape`), so a 2× input sees half-steps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from legrad_runtime.errors import UnsupportedModelError
 from .spec import TowerSpec
 from .timm_vit import check_map_trunk
 
-__all__ = ["is_timm_eva_map", "describe", "canonical_state_dict"]
+__all__ = ["is_timm_eva_map", "describe", "canonical_state_dict", "rope_table"]
 
 
 def _trunk(visual: nn.Module | None) -> nn.Module | None:
@@ -57,7 +58,9 @@ def describe(visual: nn.Module, model_name: str) -> TowerSpec:
             f"{model_name} uses EVA blocks other than PE-Core's (fused-qkv RoPE attention, GELU MLP, "
             "interleaved 2-D RoPE); not supported yet"
         )
-    if getattr(trunk, "reg_token", None) is not None or (trunk.no_embed_class and trunk.cls_token is not None):
+    if getattr(trunk, "reg_token", None) is not None or (
+        trunk.no_embed_class and trunk.cls_token is not None
+    ):
         raise UnsupportedModelError(
             f"{model_name} has register tokens, or a class token without a position; not supported yet"
         )
@@ -81,8 +84,30 @@ def describe(visual: nn.Module, model_name: str) -> TowerSpec:
     )
 
 
-def canonical_state_dict(visual: nn.Module) -> dict[str, torch.Tensor]:
-    """The tower's tensors (views) under the canonical names of spec.py, plus the native RoPE table."""
+def rope_table(visual: nn.Module, grid: int) -> torch.Tensor:
+    """The RoPE table (grid·grid, 2·head_dim), sin then cos, that timm's trunk uses at that grid."""
+    from timm.layers.pos_embed_sincos import build_rotary_pos_embed
+
+    rope = visual.trunk.rope
+    if [grid, grid] == list(rope.feat_shape):
+        return rope.get_embed().float()  # the cached table, bit for bit
+    sin, cos = build_rotary_pos_embed(
+        [grid, grid],
+        bands=rope.bands,
+        in_pixels=rope.in_pixels,
+        ref_feat_shape=rope.ref_feat_shape,
+        grid_offset=rope.grid_offset,
+        grid_indexing=rope.grid_indexing,
+        rotate_half=rope.rotate_half,
+        device=rope.bands.device,
+        grid_type=rope.grid_type,
+        normalize_coords=rope.normalize_coords,
+    )
+    return torch.cat([sin, cos], dim=-1).float()
+
+
+def canonical_state_dict(visual: nn.Module, grid: int) -> dict[str, torch.Tensor]:
+    """The tower's tensors (views) under the canonical names of spec.py, plus the RoPE table for `grid`."""
     out = {}
     for name, tensor in visual.trunk.state_dict().items():
         if name in ("cls_token", "pos_embed"):
@@ -98,5 +123,5 @@ def canonical_state_dict(visual: nn.Module) -> dict[str, torch.Tensor]:
         elif not name.startswith("rope."):
             out[name] = tensor
     with torch.no_grad():
-        out["rope"] = visual.trunk.rope.get_embed().float()  # (g·g, 2·head_dim), the native grid
+        out["rope"] = rope_table(visual, grid)
     return out

@@ -139,7 +139,7 @@ def test_siglip_reference_equals_the_authors_code(
     assert diff <= 1e-5
     # and our closed-form graph, built from the same (untouched) model
     loaded = wrap_openclip(model, "ViT-B-16-SigLIP", tokenizer=_no_tokenizer)
-    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded), size)
+    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded, size), size)
     graph = MapLeGrad(vit, resolve_layers(layer_index, 12), empty if correction else None).eval()
     with torch.no_grad():
         ours = graph(pixels, text)[0]

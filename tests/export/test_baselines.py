@@ -36,7 +36,7 @@ def setup(request):
     model = build_tiny_model(request.param, seed=3)
     loaded = wrap_openclip(model, f"tiny-{request.param}", tokenizer=lambda texts: None)
     size = loaded.preprocess["size"]
-    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded), size)
+    vit = ExplicitViT(loaded.vit, visual_state_dict(loaded, size), size)
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
     return vit, pixels, _open_clip_attention(model, pixels)
 

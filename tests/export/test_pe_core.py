@@ -3,9 +3,13 @@
 The authors' code does not handle it; the rule is docs/towers.md's (the SigLIP rule, the class
 token's column dropped). The reference runs the untouched timm trunk (its own RoPE attention), so
 its image embeddings equal open_clip's `encode_image`, an independent check of the explicit RoPE.
+At 2× the native size the reference resizes a copy of the trunk with timm's own `set_input_size`
+(positions resampled, RoPE table rebuilt), which our table, built from the bands, must match.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import onnxruntime as ort
@@ -37,18 +41,29 @@ def test_the_tower_is_described_as_pe_core(pe_core):
     assert pe_core.logit_bias is None  # a softmax model
 
 
+def _encode_at(model, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip's own image embeddings at the pixels' size: a copy resized by timm when needed."""
+    size = pixels.shape[-1]
+    if (size, size) != tuple(model.visual.trunk.patch_embed.img_size):
+        model = copy.deepcopy(model)
+        model.visual.trunk.set_input_size(img_size=(size, size))
+    return F.normalize(model.encode_image(pixels), dim=-1)
+
+
+@pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("layer_spec", ["-2", "all"])
 @pytest.mark.parametrize("correction", [True, False])
-def test_the_graph_equals_the_reference(pe_core, layer_spec, correction):
+def test_the_graph_equals_the_reference(pe_core, size, layer_spec, correction):
     layers = resolve_layers(layer_spec, pe_core.vit.num_layers)
-    graph = build_image_graph(pe_core, 64, layers, correction=correction)
-    pixels, text = random_inputs(3, 4, 64, 48, seed=len(layers))
+    graph = build_image_graph(pe_core, size, layers, correction=correction)
+    pixels, text = random_inputs(3, 4, size, 48, seed=len(layers))
     with torch.no_grad():
         heatmaps, layer_maps, image_embeds = graph(pixels, text)
-        expected_embeds = F.normalize(pe_core.model.encode_image(pixels), dim=-1)
+        expected_embeds = _encode_at(pe_core.model, pixels)
     empty = empty_prompt_embed(pe_core) if correction else None
     ref = legrad_reference_siglip(pe_core.model, pixels, text, layer_spec, empty)
-    assert layer_maps.shape == (3, 4, len(layers), 4, 4)  # the class token's column is dropped
+    grid = size // 16
+    assert layer_maps.shape == (3, 4, len(layers), grid, grid)  # the class token's column is dropped
     assert (layer_maps - ref.layer_maps).abs().max() <= 1e-5
     assert (heatmaps - ref.heatmaps).abs().max() <= 1e-5
     assert (image_embeds - expected_embeds).abs().max() <= 1e-5
@@ -56,16 +71,29 @@ def test_the_graph_equals_the_reference(pe_core, layer_spec, correction):
     assert layer_maps.amax() > 0 and heatmaps.amax() > 0.5
 
 
-def test_the_export_runs_under_onnxruntime_and_other_sizes_are_refused(pe_core, tmp_path):
-    folder = export_model(pe_core, tmp_path, ExportSettings(layers="all"))
+def test_the_reference_at_another_size_leaves_the_model_alone(pe_core):
+    trunk = pe_core.model.visual.trunk
+    pos, table = trunk.pos_embed.detach().clone(), trunk.rope.get_embed().clone()
+    pixels, text = random_inputs(1, 1, 128, 48, seed=2)
+    legrad_reference_siglip(pe_core.model, pixels, text, "-1")
+    assert tuple(trunk.patch_embed.img_size) == (64, 64)
+    assert torch.equal(trunk.pos_embed, pos) and torch.equal(trunk.rope.get_embed(), table)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_the_export_runs_under_onnxruntime(pe_core, tmp_path, size):
+    folder = export_model(pe_core, tmp_path, ExportSettings(layers="all", image_size=size))
     meta = read_metadata(folder)
     assert (meta.tower.family, meta.tower.prefix_tokens, meta.logit_bias) == ("timm_eva", 1, None)
-    assert meta.correction.enabled
+    assert meta.correction.enabled and meta.image_size == size
     session = ort.InferenceSession(str(folder / IMAGE_GRAPH.filename), providers=["CPUExecutionProvider"])
-    pixels, text = random_inputs(2, 3, 64, 48, seed=5)
+    pixels, text = random_inputs(2, 3, size, 48, seed=5)
     got = session.run(None, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()})
     ref = legrad_reference_siglip(pe_core.model, pixels, text, "all", empty_prompt_embed(pe_core))
     for have, want in zip(got, (ref.heatmaps, ref.layer_maps, ref.image_embeds)):
         assert np.abs(have - want.numpy()).max() <= 1e-4
-    with pytest.raises(ExportError, match="its own size 64 only"):
-        export_model(pe_core, tmp_path / "big", ExportSettings(image_size=128))
+
+
+def test_a_size_off_the_patch_grid_is_refused(pe_core, tmp_path):
+    with pytest.raises(ExportError, match="not a positive multiple of .* patch size 16; use e.g. 96 or 112"):
+        export_model(pe_core, tmp_path, ExportSettings(image_size=100))

@@ -13,7 +13,7 @@ from open_clip.model import _build_vision_tower
 from legrad_export.cli import main
 from legrad_export.ops import activation
 from legrad_export.support import all_models, markdown, model_support, pair_support
-from legrad_export.towers import describe_tower
+from legrad_export.towers import canonical_state_dict, describe_tower
 from legrad_runtime.errors import UnsupportedModelError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -58,6 +58,41 @@ def test_every_map_head_model_called_supported_has_a_tower_the_exporter_describe
     x = torch.linspace(-6, 6, 101)  # the spec's activation computes what the tower's own modules do
     for act in (visual.trunk.blocks[0].mlp.act, visual.trunk.attn_pool.mlp.act):
         torch.testing.assert_close(activation(x, spec.activation), act(x), rtol=0, atol=1e-6)
+
+
+TIMM_TOKEN_NAMES = [n for n, s in all_models() if s.family in ("timm ViT", "timm ViTamin")]
+
+
+@pytest.mark.parametrize("name", TIMM_TOKEN_NAMES)
+def test_every_timm_token_model_called_supported_has_a_tower_the_exporter_describes(name):
+    """MobileCLIP, ViTamin and the GAP ViT, built on the meta device: the spec matches the built tower."""
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
+    spec = describe_tower(_VisionOnly(visual), name)
+    trunk = visual.trunk
+    assert spec.head == "token_mean" and spec.family == "timm_vit"
+    assert spec.prefix_tokens == (trunk.cls_token is not None)
+    assert spec.mlp == ("geglu" if name.startswith("ViTamin") else "plain")
+    assert spec.stem == ("patch" if type(trunk.patch_embed).__name__ == "PatchEmbed" else "hybrid")
+    assert spec.native_grid**2 == trunk.patch_embed.num_patches
+    assert spec.native_grid * spec.patch_size == trunk.patch_embed.img_size[0]  # ViTamin-XL-384: 384, its
+    # open_clip config says 256 (the tower has no positions, so the runtime's 256 px give a 16×16 grid)
+    assert spec.embed_dim == cfg["embed_dim"]
+    sd = canonical_state_dict(
+        _VisionOnly(visual), spec
+    )  # ViTamin-XL has no positions, the GAP ViT no qkv bias
+    assert sd["pos_embed"].shape == (spec.tokens(spec.native_grid), spec.width)
+    assert all(sd[f"blocks.{i}.attn.qkv.bias"].shape == (3 * spec.width,) for i in range(spec.num_layers))
+
+
+def test_a_relative_position_vit_is_refused_in_one_line():
+    support = model_support("vit_relpos_medium_patch16_cls_224")
+    assert not support.supported and "relative position bias" in support.reason
+    with pytest.raises(UnsupportedModelError, match="vit_relpos_medium_patch16_cls_224"):
+        describe_tower(
+            open_clip.create_model("vit_relpos_medium_patch16_cls_224"), "vit_relpos_medium_patch16_cls_224"
+        )
 
 
 @pytest.mark.parametrize("name", ["RN50", "convnext_tiny", "coca_ViT-B-32", "EVA02-B-16", "MobileCLIP-S1"])

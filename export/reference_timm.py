@@ -1,0 +1,105 @@
+"""The autograd LeGrad reference for timm towers pooled by a class token or the token mean
+(MobileCLIP, ViTamin): the CLIP rule of docs/towers.md on the UNTOUCHED open_clip `TimmModel`.
+
+The trunk's own modules run in order (stem or patch embedding, `_pos_embed`, `norm_pre`, blocks);
+explained blocks run through their own submodules with the attention softmax written out, so that
+A is a tensor autograd differentiates against. The layer embedding is the tower's own final norm
+(`norm` or `fc_norm`) on the mean of all tokens, then its own projection (timm's classifier or
+open_clip's head). At another input size a deep copy of the trunk is resized by timm's
+`set_input_size`; the model is not touched. Shares no code with vit.py / legrad.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import DEFAULT_LAYERS, resolve_layers
+from .reference import LeGradOutput
+
+__all__ = ["legrad_reference_timm"]
+
+
+def _trunk_at(trunk: nn.Module, size: int) -> nn.Module:
+    if (size, size) == tuple(trunk.patch_embed.img_size):
+        return trunk
+    resized = copy.deepcopy(trunk)
+    resized.set_input_size(img_size=(size, size))
+    return resized
+
+
+def _block_with_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm Block on x (B, N, D): its output and its attention probabilities, a leaf requiring grad."""
+    attn_mod = block.attn
+    B, N, D = x.shape
+    H = attn_mod.num_heads
+    qkv = attn_mod.qkv(block.norm1(x)).reshape(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    attn = torch.softmax((q * attn_mod.scale) @ k.transpose(-2, -1), dim=-1)
+    attn = attn.detach().requires_grad_(True)
+    o = attn_mod.proj(attn_mod.norm((attn @ v).transpose(1, 2).reshape(B, N, D)))
+    x = x + block.ls1(o)
+    x = x + block.ls2(block.mlp(block.norm2(x)))
+    return x, attn
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - lo
+    return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def legrad_reference_timm(
+    model,
+    pixel_values: torch.Tensor,
+    text_embeds: torch.Tensor,
+    layers: int | str | Sequence[int] = DEFAULT_LAYERS,
+) -> LeGradOutput:
+    """LeGrad maps for B images × P prompts of an open_clip model with a class-token or mean-pooled
+    timm ViT tower; `text_embeds` (P, E) L2-normalised."""
+    visual = model.visual
+    size = pixel_values.shape[-1]
+    trunk = _trunk_at(visual.trunk, size)
+    chosen = resolve_layers(layers, len(trunk.blocks))
+    grid = trunk.patch_embed.grid_size[0]
+    stride = size // grid
+    final_norm = trunk.fc_norm if isinstance(trunk.norm, nn.Identity) else trunk.norm
+
+    def project(pooled: torch.Tensor) -> torch.Tensor:
+        return visual.head(trunk.head(pooled))
+
+    outputs, attentions = {}, {}
+    with torch.no_grad():
+        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixel_values))))
+    for i, block in enumerate(trunk.blocks):
+        if i in chosen:
+            with torch.enable_grad():
+                x, attentions[i] = _block_with_attention(block, x)
+            outputs[i] = x
+        else:
+            with torch.no_grad():
+                x = block(x)
+    with torch.no_grad():
+        image_embeds = F.normalize(project(trunk.forward_head(trunk.norm(x), pre_logits=True)), dim=-1)
+
+    prefix = trunk.num_prefix_tokens
+    per_layer = []
+    for i in chosen:
+        with torch.enable_grad():
+            feat = F.normalize(project(final_norm(outputs[i].mean(dim=1))), dim=-1)  # (B, E)
+            sim = feat @ text_embeds.T  # (B, P)
+            maps = []
+            for p in range(text_embeds.shape[0]):
+                (grad,) = torch.autograd.grad(sim[:, p].sum(), attentions[i], retain_graph=True)
+                relevance = grad.clamp(min=0).mean(dim=(1, 2))[:, prefix:]  # (B, g·g)
+                maps.append(relevance.reshape(-1, grid, grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, g, g)
+
+    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, g, g)
+    upsampled = F.interpolate(layer_maps.sum(2), scale_factor=stride, mode="bilinear", align_corners=False)
+    return LeGradOutput(_min_max(upsampled), layer_maps, image_embeds.detach(), chosen)
