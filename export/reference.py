@@ -11,6 +11,7 @@ Deliberately independent of `vit.py` / `legrad.py`: it shares no code with the a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from timm.layers import resample_abs_pos_embed
 
 from .layers import DEFAULT_LAYERS, resolve_layers
 
-__all__ = ["LeGradOutput", "legrad_reference"]
+__all__ = ["LeGradOutput", "legrad_reference", "timm_trunk_at"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,16 @@ class LeGradOutput:
     layer_maps: torch.Tensor  # (B, P, L, g, g) raw per-layer maps
     image_embeds: torch.Tensor  # (B, E) L2-normalised
     layers: tuple[int, ...]
+
+
+def timm_trunk_at(trunk, size: int):
+    """A timm trunk for size×size input: itself at its own size, else a deep copy resized by timm's
+    `set_input_size` (positions resampled, a RoPE table rebuilt); the model is never touched."""
+    if (size, size) == tuple(trunk.patch_embed.img_size):
+        return trunk
+    resized = copy.deepcopy(trunk)
+    resized.set_input_size(img_size=(size, size))
+    return resized
 
 
 def _embed(visual, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,12 @@ what its trunk adds (docs/towers.md): a class token, whose column is dropped; Ro
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from .layers import resolve_layers
-from .reference import LeGradOutput
+from .reference import LeGradOutput, timm_trunk_at
 
 __all__ = ["legrad_reference_siglip", "map_head_with_attention"]
 
@@ -46,16 +44,6 @@ def map_head_with_attention(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.
         out = out + pool.mlp(pool.norm(out))
     pooled = out[:, 0] if pool.pool == "token" else out.mean(1) if pool.pool == "avg" else out
     return pooled, attn
-
-
-def _eva_at(trunk, size: int):
-    """The Eva trunk for size×size input: itself at its own size, else a resized deep copy (timm's
-    `set_input_size` resamples the positions and rebuilds the RoPE table); the model is not touched."""
-    if (size, size) == tuple(trunk.patch_embed.img_size):
-        return trunk
-    resized = copy.deepcopy(trunk)
-    resized.set_input_size(img_size=(size, size))
-    return resized
 
 
 def _embed_eva(trunk, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +110,7 @@ def legrad_reference_siglip(
     grid = pixel_values.shape[-1] // patch
     eva = trunk.__class__.__name__ == "Eva"
     if eva:
-        trunk = _eva_at(trunk, pixel_values.shape[-1])
+        trunk = timm_trunk_at(trunk, pixel_values.shape[-1])
     with torch.no_grad():
         x, rope = _embed_eva(trunk, pixel_values) if eva else (_embed(trunk, pixel_values), None)
         tokens = []

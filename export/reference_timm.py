@@ -11,7 +11,6 @@ open_clip's head). At another input size a deep copy of the trunk is resized by 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -19,17 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import DEFAULT_LAYERS, resolve_layers
-from .reference import LeGradOutput
+from .reference import LeGradOutput, timm_trunk_at
 
 __all__ = ["legrad_reference_timm"]
-
-
-def _trunk_at(trunk: nn.Module, size: int) -> nn.Module:
-    if (size, size) == tuple(trunk.patch_embed.img_size):
-        return trunk
-    resized = copy.deepcopy(trunk)
-    resized.set_input_size(img_size=(size, size))
-    return resized
 
 
 def _block_with_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +55,7 @@ def legrad_reference_timm(
     timm ViT tower; `text_embeds` (P, E) L2-normalised."""
     visual = model.visual
     size = pixel_values.shape[-1]
-    trunk = _trunk_at(visual.trunk, size)
+    trunk = timm_trunk_at(visual.trunk, size)
     chosen = resolve_layers(layers, len(trunk.blocks))
     grid = trunk.patch_embed.grid_size[0]
     stride = size // grid

@@ -382,6 +382,37 @@ def save_tiny_timm_token_model(root: Path, variant: str, seed: int = 0) -> Path:
     return folder
 
 
+def encode_at(model, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip's own normalised image embeddings of a timm-tower model at the pixels' size: at
+    another size than its own, of a deep copy resized by timm's `set_input_size`."""
+    import copy
+
+    size = pixels.shape[-1]
+    if (size, size) != tuple(model.visual.trunk.patch_embed.img_size):
+        model = copy.deepcopy(model)
+        model.visual.trunk.set_input_size(img_size=(size, size))
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+
+
+def assert_each_pair_equals_single(session, pixels: torch.Tensor, text: torch.Tensor) -> None:
+    """Every [b, p] of an onnxruntime image-graph run equals that image and prompt run alone."""
+    import numpy as np
+
+    heatmaps, layer_maps, embeds = session.run(
+        None, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()}
+    )
+    assert heatmaps.shape == (pixels.shape[0], text.shape[0], *pixels.shape[-2:])
+    for b in range(pixels.shape[0]):
+        for p in range(text.shape[0]):
+            one = session.run(
+                None, {"pixel_values": pixels[b : b + 1].numpy(), "text_embeds": text[p : p + 1].numpy()}
+            )
+            np.testing.assert_allclose(heatmaps[b, p], one[0][0, 0], atol=1e-5)
+            np.testing.assert_allclose(layer_maps[b, p], one[1][0, 0], atol=1e-6)
+            np.testing.assert_allclose(embeds[b], one[2][0], atol=1e-6)
+
+
 def random_inputs(batch: int, prompts: int, size: int, embed_dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, size, size, generator=gen)

@@ -9,13 +9,10 @@ At 2× the native size the reference resizes a copy of the trunk with timm's own
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 
 from legrad_export.graphs import build_image_graph, empty_prompt_embed
 from legrad_export.layers import resolve_layers
@@ -24,7 +21,7 @@ from legrad_export.onnx_export import ExportSettings, export_model
 from legrad_export.reference_siglip import legrad_reference_siglip
 from legrad_runtime.errors import ExportError
 from legrad_runtime.metadata import IMAGE_GRAPH, read_metadata
-from tiny_models import random_inputs, save_tiny_pe_core_model
+from tiny_models import encode_at, random_inputs, save_tiny_pe_core_model
 
 pytestmark = pytest.mark.torch
 
@@ -41,15 +38,6 @@ def test_the_tower_is_described_as_pe_core(pe_core):
     assert pe_core.logit_bias is None  # a softmax model
 
 
-def _encode_at(model, pixels: torch.Tensor) -> torch.Tensor:
-    """open_clip's own image embeddings at the pixels' size: a copy resized by timm when needed."""
-    size = pixels.shape[-1]
-    if (size, size) != tuple(model.visual.trunk.patch_embed.img_size):
-        model = copy.deepcopy(model)
-        model.visual.trunk.set_input_size(img_size=(size, size))
-    return F.normalize(model.encode_image(pixels), dim=-1)
-
-
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("layer_spec", ["-2", "all"])
 @pytest.mark.parametrize("correction", [True, False])
@@ -59,7 +47,7 @@ def test_the_graph_equals_the_reference(pe_core, size, layer_spec, correction):
     pixels, text = random_inputs(3, 4, size, 48, seed=len(layers))
     with torch.no_grad():
         heatmaps, layer_maps, image_embeds = graph(pixels, text)
-        expected_embeds = _encode_at(pe_core.model, pixels)
+        expected_embeds = encode_at(pe_core.model, pixels)
     empty = empty_prompt_embed(pe_core) if correction else None
     ref = legrad_reference_siglip(pe_core.model, pixels, text, layer_spec, empty)
     grid = size // 16

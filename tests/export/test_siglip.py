@@ -19,7 +19,7 @@ from legrad_export.load import load_openclip
 from legrad_export.onnx_export import ExportSettings, export_model
 from legrad_export.reference_siglip import legrad_reference_siglip
 from legrad_runtime.metadata import IMAGE_GRAPH, TEXT_GRAPH, read_metadata
-from tiny_models import SIGLIP_VARIANTS, random_inputs, save_tiny_siglip_model
+from tiny_models import SIGLIP_VARIANTS, assert_each_pair_equals_single, random_inputs, save_tiny_siglip_model
 
 pytestmark = pytest.mark.torch
 
@@ -127,18 +127,7 @@ def test_each_image_and_prompt_equals_its_single_result(exported, batch, prompts
     _, folder = exported
     session = _session(folder / IMAGE_GRAPH.filename)
     pixels, text = random_inputs(batch, prompts, 64, 64, seed=batch * 10 + prompts)
-    heatmaps, layer_maps, embeds = session.run(
-        None, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()}
-    )
-    assert heatmaps.shape == (batch, prompts, 64, 64)
-    for b in range(batch):
-        for p in range(prompts):
-            one = session.run(
-                None, {"pixel_values": pixels[b : b + 1].numpy(), "text_embeds": text[p : p + 1].numpy()}
-            )
-            np.testing.assert_allclose(heatmaps[b, p], one[0][0, 0], atol=1e-5)
-            np.testing.assert_allclose(layer_maps[b, p], one[1][0, 0], atol=1e-6)
-            np.testing.assert_allclose(embeds[b], one[2][0], atol=1e-6)
+    assert_each_pair_equals_single(session, pixels, text)
 
 
 def test_an_export_without_the_correction_says_so_and_matches_the_plain_reference(siglips, tmp_path):
