@@ -52,7 +52,7 @@ def build_image_graph(
     """
     vit = explicit_vit(loaded, image_size)
     if loaded.vit.explains_head:
-        empty = empty_prompt_embed(loaded) if correction else None
+        empty = empty_prompt_embed(loaded) if correction and loaded.vit.has_correction else None
         return MapLeGrad(vit, layers, empty, threshold).eval()
     return LeGrad(vit, layers).eval()
 

@@ -6,6 +6,10 @@
   a Linear projection after it). LeGrad explains the
   head's own attention A (B, H, 1, N): per prompt, ∂s/∂A[h, 0, j] = ∂s/∂o_h · v_h[j] where
   o = A V, so each prompt costs one short backward through proj, the residual MLP and the norm.
+- `AttnPoolHead` (CoCa): open_clip's `AttentionalPooler`, then ln_post and the projection of its
+  first latent. LeGrad explains that latent's cross-attention A (B, H, 1, N), scored as the authors
+  do, without ln_post or normalising: s = t · (proj_pool(A V) @ proj), so ∂s/∂o = (t projᵀ) W_pool,
+  the same for every image: a prompt's backward is one product with the values.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 from .ops import LayerNorm, activation, activation_derivative, frozen
 from .towers import TowerSpec
 
-__all__ = ["HeadTrace", "TokenMeanHead", "MapHead", "MapTrace"]
+__all__ = ["HeadTrace", "TokenMeanHead", "MapHead", "MapTrace", "AttnPoolHead"]
 
 
 class HeadTrace(NamedTuple):
@@ -152,4 +156,54 @@ class MapHead(nn.Module):
         g_o = (g_y @ self.proj_weight).reshape(B, -1, H, dh)  # (B, P, H, dh)
         v = trace.v[:, :, self.spec.prefix_tokens :]  # a class token's column is dropped
         grad = torch.einsum("bphd,bhnd->bphn", g_o, v)  # (B, P, H, N − R)
+        return torch.relu(grad).mean(dim=2)
+
+
+class AttnPoolHead(nn.Module):
+    """f = LN_post(proj_pool(A V)) @ proj, A = softmax(q kᵀ · scale) of latent 0 over the N tokens,
+    q = LN_q(latent) W_q, k and V from LN_k(tokens); its `prompt_maps` follow compute_legrad_coca."""
+
+    def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.heads = spec.head_heads
+        self.norm_k = LayerNorm(sd, "pool.norm_k.", spec.eps)
+        norm_q = LayerNorm(sd, "pool.norm_q.", spec.eps)
+        with torch.no_grad():  # the query is a constant: fold LN_q and W_q into it
+            latent = norm_q(sd["pool.latent"].float())
+            query = F.linear(latent, sd["pool.q.weight"].float(), sd["pool.q.bias"].float())
+        self.query = frozen(query)  # (1, Q)
+        self.k_weight, self.k_bias = frozen(sd["pool.k.weight"]), frozen(sd["pool.k.bias"])
+        self.v_weight, self.v_bias = frozen(sd["pool.v.weight"]), frozen(sd["pool.v.bias"])
+        self.proj_weight, self.proj_bias = frozen(sd["pool.proj.weight"]), frozen(sd["pool.proj.bias"])
+        self.ln_post = LayerNorm(sd, "head.norm.", spec.eps)
+        self.proj = frozen(sd["head.proj"])  # (Q, E)
+        self.g_o = frozen(sd["head.proj"].T.float() @ sd["pool.proj.weight"].float())  # (E, Q): ∂s/∂o per t
+
+    def _pool(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent 0's pooled vector before ln_post (B, Q) and the pool's values (B, H, N, dq)."""
+        B, N, _ = z.shape
+        H = self.heads
+        dq = self.query.shape[-1] // H
+        x = self.norm_k(z)
+        k = F.linear(x, self.k_weight, self.k_bias).reshape(B, N, H, dq).transpose(1, 2)  # (B, H, N, dq)
+        v = F.linear(x, self.v_weight, self.v_bias).reshape(B, N, H, dq).transpose(1, 2)
+        q = self.query.reshape(1, H, 1, dq)
+        attn = torch.softmax((q * dq**-0.5) @ k.transpose(-1, -2), dim=-1)  # (B, H, 1, N)
+        o = (attn @ v).reshape(B, -1)  # (B, H, 1, dq) → (B, Q): heads in order, as torch's MHA
+        return F.linear(o, self.proj_weight, self.proj_bias), v
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's own image embedding (unnormalised): ln_post on latent 0, then the projection."""
+        return self.ln_post(self._pool(tokens)[0]) @ self.proj
+
+    def forward_traced(self, z: torch.Tensor) -> torch.Tensor:
+        """What every prompt's backward needs of an explained block's output z: the values (B, H, N, dq)."""
+        return self._pool(z)[1]
+
+    def prompt_maps(self, v: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """mean_h max(0, ∂(t_p · f)/∂A[h, 0, j]) per image, prompt and patch token j: (B, P, N − R)."""
+        B, H, N, dq = v.shape
+        g_o = (text_embeds @ self.g_o).reshape(-1, H, dq)  # (P, H, dq)
+        grad = torch.einsum("phd,bhnd->bphn", g_o, v[:, :, self.spec.prefix_tokens :])  # class column dropped
         return torch.relu(grad).mean(dim=2)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan
 
 from .heads import HeadTrace
+from .legrad_eva import EvaWeights, eva_prompt_map, prepare_eva_layer
 from .legrad_geglu import GegluWeights, geglu_prompt_map, prepare_geglu_layer
 from .ops import activation_derivative, relevance
 from .vit import Block, BlockTrace, ExplicitViT
@@ -123,11 +124,15 @@ class LeGrad(nn.Module):
             raise ValueError(f"layers {bad} out of range for a {vit.cfg.num_layers}-block model")
         self.vit = vit
         self.layers = tuple(sorted(set(layers)))
-        geglu = vit.cfg.mlp == "geglu"  # ViTamin: its own backward stage (legrad_geglu.py)
-        weights = GegluWeights if geglu else BackwardWeights
+        # ViTamin's GeGLU and EVA02's blocks have backward stages of their own (legrad_geglu/_eva.py)
+        cfg = vit.cfg
+        kind = "eva" if cfg.mlp == "swiglu" or cfg.attn_norm or cfg.post_norm else cfg.mlp
+        weights, self._prepare, self._prompt_map = {
+            "plain": (BackwardWeights, prepare_layer, prompt_map),
+            "geglu": (GegluWeights, prepare_geglu_layer, geglu_prompt_map),
+            "eva": (EvaWeights, prepare_eva_layer, eva_prompt_map),
+        }[kind]
         self.backward_weights = nn.ModuleList(weights(vit.blocks[i]) for i in self.layers)
-        self._prepare = prepare_geglu_layer if geglu else prepare_layer
-        self._prompt_map = geglu_prompt_map if geglu else prompt_map
 
     def forward(
         self, pixel_values: torch.Tensor, text_embeds: torch.Tensor

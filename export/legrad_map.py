@@ -1,4 +1,4 @@
-"""LeGrad in closed form for MAP-head towers (SigLIP): the gradient w.r.t. the head's attention.
+"""LeGrad in closed form for towers whose head's attention is explained (SigLIP, PE-Core, CoCa).
 
 See shared/design/legrad.md, "Pooling heads other than the token mean". For each explained block l,
 its output z_l goes through the MAP head again (heads.py); the explained attention is the head's
@@ -7,6 +7,9 @@ one query over the N patch tokens, so the per-prompt work is a backward through 
 grid resolution; with the correction, cells where the min-max map of the empty prompt ("a photo of
 a", embedded at export) exceeds the threshold are zeroed; then min-max, then bilinear upsampling.
 Some SigLIP sizes are no multiple of the patch (SO400M-14 at 384 px sees a 27×27 grid = 378 px).
+
+CoCa (head "attn_pool") follows the authors' `compute_legrad_coca` instead: no correction, and the
+layers' sum is upsampled first and min-max normalised at image resolution (the two orders differ).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ __all__ = ["MapLeGrad", "upsample_cover"]
 
 
 class MapLeGrad(nn.Module):
-    """Images and text embeddings in; heatmaps, per-layer maps and image embeddings out (SigLIP rule)."""
+    """Images and text embeddings in; heatmaps, per-layer maps and image embeddings out (SigLIP rule,
+    or CoCa's for head "attn_pool")."""
 
     def __init__(
         self,
@@ -35,8 +39,10 @@ class MapLeGrad(nn.Module):
         threshold: float = 0.8,
     ):
         super().__init__()
-        if vit.cfg.head != "map":
-            raise ValueError("MapLeGrad explains MAP-head towers; use LeGrad for token-mean ones")
+        if not vit.cfg.explains_head:
+            raise ValueError("MapLeGrad explains a tower's pooling head; use LeGrad for token-mean ones")
+        if empty_embed is not None and vit.cfg.head != "map":
+            raise ValueError("the empty-prompt correction is SigLIP's, for MAP-head towers only")
         if not layers:
             raise ValueError("LeGrad needs at least one layer")
         bad = [i for i in layers if not 0 <= i < vit.cfg.num_layers]
@@ -67,6 +73,8 @@ class MapLeGrad(nn.Module):
         if self.empty_embed is not None:
             empty = min_max(maps[:, P:].sum(2))  # (B, 1, g, g)
             summed = torch.where(empty > self.threshold, torch.zeros_like(summed), summed)
+        if self.vit.cfg.head == "attn_pool":
+            return min_max(upsample(summed, self.vit.image_size)), maps, image_embeds
         return (
             upsample_cover(min_max(summed), self.vit.cfg.patch_size, self.vit.image_size),
             maps[:, :P],

@@ -80,7 +80,7 @@ def resolve_image_size(
 ) -> int:
     """The export size: the model's own when None; a positive multiple of the patch that fits in memory.
 
-    A MAP-head tower's own size may be no multiple of its patch (SO400M-14 at 384): it is kept, and
+    A MAP-head tower's (SigLIP's) own size may be no multiple of its patch (SO400M-14 at 384): it is kept, and
     the model sees the 27×27 patches that fit, as it was trained.
     """
     native = loaded.preprocess["size"]
@@ -88,7 +88,7 @@ def resolve_image_size(
     patch = loaded.vit.patch_size
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ExportError(f"image size {size!r} must be a positive multiple of the patch size {patch}")
-    if size % patch and not (size == native and loaded.vit.explains_head):
+    if size % patch and not (size == native and loaded.vit.head == "map"):
         lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
         raise ExportError(
             f"image size {size} is not a positive multiple of {loaded.model_name}'s patch size {patch}; "
@@ -158,7 +158,7 @@ def export_model(
         spec = default_layer_spec(loaded) if settings.layers is None else settings.layers
         layers = resolve_layers(spec, loaded.vit.num_layers)
         preprocess = loaded.preprocess_cfg(size, settings.resize_mode)
-        if loaded.vit.explains_head and not 0 < settings.correction_threshold <= 1:
+        if loaded.vit.has_correction and not 0 < settings.correction_threshold <= 1:
             raise ValueError(f"correction threshold {settings.correction_threshold} must be in (0, 1]")
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
@@ -178,7 +178,7 @@ def export_model(
         tower = loaded.vit
         correction = (
             CorrectionCfg(settings.correction, EMPTY_PROMPT, settings.correction_threshold)
-            if tower.explains_head
+            if tower.has_correction
             else None
         )
 

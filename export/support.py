@@ -45,8 +45,10 @@ def _timm_family(timm_name: str, pool: str | None) -> Support:
         return Support("timm Swin", False, f"windowed attention over shifted windows; {_PLANNED}")
     if timm_name.startswith("vitamin"):
         return Support("timm ViTamin", True)
+    if timm_name.startswith(("eva_giant", "eva02")) and pool == "token":
+        return Support("timm EVA-CLIP", True)  # EVA01-g, EVA02-B/L/E: the CLIP rule (docs/towers.md)
     if timm_name.startswith("eva"):
-        return Support("timm EVA", False, f"EVA blocks (RoPE, SwiGLU); {_PLANNED}")
+        return Support("timm EVA", False, f"EVA blocks other than EVA-CLIP's; {_PLANNED}")
     if timm_name.startswith("vit_pe_core"):
         return Support("timm PE-Core", True)
     if pool == "map":
@@ -72,12 +74,13 @@ def model_support(model_name: str) -> Support:
         if not support.supported:
             return support
         return Support(support.family, True, "; ".join(n for n in (support.reason, _text_note(text)) if n))
-    if "multimodal_cfg" in cfg or vision.get("attentional_pool"):
-        return Support("CoCa", False, f"an attentional-pooler head; {_PLANNED}")
+    if vision.get("attentional_pool") not in (None, False, True):  # 'parallel' / 'cascade': two poolers
+        return Support("CoCa", False, f"a second, contrastive attentional pooler; {_PLANNED}")
+    family = "CoCa" if "multimodal_cfg" in cfg else "OpenCLIP ViT"
     custom = [k for k in ("qk_norm", "scaled_cosine_attn", "scale_attn") if vision.get(k)]
     if custom:
-        return Support("OpenCLIP ViT", False, f"{', '.join(custom)} attention blocks; {_PLANNED}")
-    return Support("OpenCLIP ViT", True, _text_note(text))
+        return Support(family, False, f"{', '.join(custom)} attention blocks; {_PLANNED}")
+    return Support(family, True, _text_note(text))
 
 
 def _text_note(text: dict) -> str:

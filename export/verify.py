@@ -17,6 +17,7 @@ from legrad_runtime.metadata import IMAGE_GRAPH, TEXT_GRAPH
 from .graphs import example_image_inputs
 from .load import LoadedModel
 from .reference import LeGradOutput, legrad_reference
+from .reference_coca import legrad_reference_coca
 from .reference_siglip import legrad_reference_siglip
 from .reference_timm import legrad_reference_timm
 
@@ -38,9 +39,11 @@ def reference(
     threshold: float = 0.8,
 ) -> LeGradOutput:
     """The autograd reference of the tower's kind; `empty_embed` turns on a MAP head's correction."""
+    if loaded.vit.head == "attn_pool":
+        return legrad_reference_coca(loaded.model, pixels, text, layers)
     if loaded.vit.explains_head:
         return legrad_reference_siglip(loaded.model, pixels, text, layers, empty_embed, threshold)
-    if loaded.vit.family == "timm_vit":
+    if loaded.vit.family in ("timm_vit", "timm_eva"):  # token-mean towers (MAP heads returned above)
         return legrad_reference_timm(loaded.model, pixels, text, layers)
     return legrad_reference(loaded.model, pixels, text, layers)
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from .heads import MapHead, TokenMeanHead
+from .heads import AttnPoolHead, MapHead, TokenMeanHead
 from .ops import LayerNorm, activation, frozen
 from .towers import TowerSpec
 
@@ -67,10 +67,14 @@ class BlockTrace(NamedTuple):
     pre: torch.Tensor  # (B, N, M) MLP pre-activation
     v: torch.Tensor  # (B, H, N, dh) attention values
     z: torch.Tensor  # (B, N, D) block output
+    o: torch.Tensor | None = None  # (B, N, D) A·V before attn.norm and attn.proj (EVA blocks only)
+    attn_out: torch.Tensor | None = None  # (B, N, D) attn.proj's output (EVA blocks only)
+    mlp_out: torch.Tensor | None = None  # (B, N, D) the MLP's output (EVA blocks only)
 
 
 class Block(nn.Module):
-    """x_mid = x + γ1·Attn(LN1(x));  z = x_mid + γ2·MLP(LN2(x_mid)); MLP plain or GeGLU (spec.mlp)."""
+    """x_mid = x + γ1·Attn(LN1(x));  z = x_mid + γ2·MLP(LN2(x_mid)); MLP plain, GeGLU or SwiGLU
+    (spec.mlp); EVA's options: a LayerNorm inside the attention, post-norm residuals (spec.post_norm)."""
 
     def __init__(self, spec: TowerSpec, sd: dict[str, torch.Tensor], prefix: str):
         super().__init__()
@@ -81,8 +85,15 @@ class Block(nn.Module):
         self.in_proj_bias = frozen(sd[prefix + "attn.qkv.bias"])
         self.out_proj_weight = frozen(sd[prefix + "attn.proj.weight"])  # (D, D)
         self.out_proj_bias = frozen(sd[prefix + "attn.proj.bias"])
+        self.ln_attn = LayerNorm(sd, prefix + "attn.norm.", spec.eps) if spec.attn_norm else None
         self.ln_mlp = None
-        if spec.mlp == "geglu":  # LN → act(w0) ⊙ w1 → w2; w0 and w1 stacked into one (2M, D) product
+        if spec.mlp == "swiglu":  # silu(fc1_g) ⊙ fc1_x → LN → fc2; fc1_g and fc1_x stacked: (2M, D)
+            self.ln_mlp = LayerNorm(sd, prefix + "mlp.norm.", spec.eps)
+            fc = [sd[f"{prefix}mlp.fc1_{i}.{kind}"] for kind in ("weight", "bias") for i in ("g", "x")]
+            self.fc_weight, self.fc_bias = frozen(torch.cat(fc[:2])), frozen(torch.cat(fc[2:]))
+            self.proj_weight = frozen(sd[prefix + "mlp.fc2.weight"])
+            self.proj_bias = frozen(sd[prefix + "mlp.fc2.bias"])
+        elif spec.mlp == "geglu":  # LN → act(w0) ⊙ w1 → w2; w0 and w1 stacked into one (2M, D) product
             self.ln_mlp = LayerNorm(sd, prefix + "mlp.norm.", spec.eps)
             fc = [sd[f"{prefix}mlp.w{i}.{kind}"] for kind in ("weight", "bias") for i in (0, 1)]
             self.fc_weight, self.fc_bias = frozen(torch.cat(fc[:2])), frozen(torch.cat(fc[2:]))
@@ -103,7 +114,8 @@ class Block(nn.Module):
         """Softmax attention (B, H, N, N) and values (B, H, N, dh) of block input x (B, N, D)."""
         B, N, D = x.shape
         H, dh = self.spec.heads, self.spec.head_dim
-        qkv = F.linear(self.ln_1(x), self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
+        h = x if self.spec.post_norm else self.ln_1(x)  # a post-norm block attends to x itself
+        qkv = F.linear(h, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D)
         q, k, v = qkv.reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, dh)
         if rope is not None:
             q, k = rope(q), rope(k)
@@ -116,6 +128,8 @@ class Block(nn.Module):
         return F.linear(o, self.out_proj_weight, self.out_proj_bias), v
 
     def forward_traced(self, x: torch.Tensor, rope: Rope | None = None) -> BlockTrace:
+        if self.spec.attn_norm or self.spec.post_norm or self.spec.mlp == "swiglu":
+            return self._forward_traced_eva(x, rope)
         o, v = self.attention(x, rope)
         x_mid = x + self.gamma_1 * o
         y = self.ln_2(x_mid)
@@ -129,6 +143,26 @@ class Block(nn.Module):
             hidden = activation(pre, self.spec.activation)
         mlp = F.linear(hidden, self.proj_weight, self.proj_bias)
         return BlockTrace(x_mid, pre, v, x_mid + self.gamma_2 * mlp)
+
+    def _forward_traced_eva(self, x: torch.Tensor, rope: Rope | None) -> BlockTrace:
+        """timm's EvaBlock (pre-norm, optional attn.norm, SwiGLU) or EvaBlockPostNorm:
+        pre:  x_mid = x + γ1·W_o LN_a(A·V),   z = x_mid + γ2·MLP(LN_2(x_mid))
+        post: x_mid = x + LN_1(W_o (A·V)),    z = x_mid + LN_2(MLP(x_mid))"""
+        B, N, D = x.shape
+        attn, v = self.attention_probs(x, rope)
+        o = (attn @ v).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        y = F.linear(o if self.ln_attn is None else self.ln_attn(o), self.out_proj_weight, self.out_proj_bias)
+        post = self.spec.post_norm
+        x_mid = x + (self.ln_1(y) if post else self.gamma_1 * y)
+        pre = F.linear(x_mid if post else self.ln_2(x_mid), self.fc_weight, self.fc_bias)
+        if self.spec.mlp == "swiglu":  # pre = [a_g, a_x]
+            gate, lin = pre.chunk(2, dim=-1)
+            hidden = self.ln_mlp(F.silu(gate) * lin)
+        else:
+            hidden = activation(pre, self.spec.activation)
+        m = F.linear(hidden, self.proj_weight, self.proj_bias)  # (B, N, D)
+        z = x_mid + (self.ln_2(m) if post else self.gamma_2 * m)
+        return BlockTrace(x_mid, pre, v, z, o=o, attn_out=y, mlp_out=m)
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         return self.forward_traced(x, rope).z
@@ -177,7 +211,8 @@ class ExplicitViT(nn.Module):
                 )
             self.rope = Rope(sd["rope"], spec.prefix_tokens)
         self.blocks = nn.ModuleList(Block(spec, sd, f"blocks.{i}.") for i in range(spec.num_layers))
-        self.head = MapHead(spec, sd) if spec.head == "map" else TokenMeanHead(spec, sd)
+        heads = {"map": MapHead, "attn_pool": AttnPoolHead, "token_mean": TokenMeanHead}
+        self.head = heads[spec.head](spec, sd)
 
     @property
     def num_tokens(self) -> int:

@@ -59,7 +59,7 @@ CLEAN_MODES = ("lower", "whitespace", "canonicalize")  # open_clip's text cleani
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")  # gelu_tanh: the tanh approximation (SigLIP's MLP)
 SIDES = ("right", "left")  # padding and truncation sides of a Hugging Face tokenizer
 TOWER_FAMILIES = ("openclip_vit", "timm_vit", "timm_eva")  # which exporter adapter read the image tower
-TOWER_HEADS = ("token_mean", "map")  # how the tower pools; see TowerCfg
+TOWER_HEADS = ("token_mean", "map", "attn_pool")  # how the tower pools; see TowerCfg
 PREFIX_TOKENS = (0, 1)  # a class token or none
 DEFAULT_CORRECTION_PROMPT = "a photo of a"
 DEFAULT_CORRECTION_THRESHOLD = 0.8
@@ -182,7 +182,8 @@ class TowerCfg:
 
     head 'token_mean': CLIP's pooling, LeGrad explains each block's self-attention. head 'map': a
     MAP attention-pool head (SigLIP), LeGrad explains the head's attention (one query over the
-    tokens). `prefix_tokens`: 1 with a class token, 0 without. `grid`: (gh, gw) patches, square only.
+    tokens). head 'attn_pool': CoCa's attentional pooler, its first latent's attention explained.
+    `prefix_tokens`: 1 with a class token, 0 without. `grid`: (gh, gw) patches, square only.
     """
 
     family: str

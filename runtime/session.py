@@ -307,7 +307,7 @@ class LeGradModel:
         tower = m.tower or default_tower(m.grid_size)  # never None: ModelMetadata fills it in
         n, d, layers, s2 = m.grid_size**2 + tower.prefix_tokens, m.width, len(m.layers), m.image_size**2
         hn2 = m.heads * n * n
-        if tower.head == "map":
+        if tower.head in ("map", "attn_pool"):  # CoCa's pooler: the same shape, cheaper
             hn = m.heads * n
             trace = 4 * n * d + hn  # per explained layer: the head's normed input, keys, values, attention
             backward = 2 * hn + 8 * d  # one prompt through the head, per layer

@@ -3,7 +3,8 @@
 `model_folders` are exported tiny models, one per resize mode, one ("hf") whose tokenizer is a
 Hugging Face one, a tiny SigLIP ("siglip": MAP head, no class token, sigmoid scores) and
 a tiny PE-Core ("pe_core": MAP head after a class token and RoPE, softmax scores) and a tiny
-ViTamin ("vitamin": a conv stem, no class token, token mean, GeGLU MLPs). In the
+ViTamin ("vitamin": a conv stem, no class token, token mean, GeGLU MLPs) and a tiny CoCa ("coca": an
+attentional pooler's first latent explained). In the
 lean CI venv they come from LEGRAD_TEST_MODEL_DIR (exported earlier in the same CI run by
 `python tests/tiny_models.py DIR`); elsewhere they are exported here, which needs torch.
 """
@@ -29,7 +30,7 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
         root = Path(env)
         return {
             mode: next((root / mode).iterdir())
-            for mode in ("squash", "shortest", "hf", "siglip", "pe_core", "vitamin")
+            for mode in ("squash", "shortest", "hf", "siglip", "pe_core", "vitamin", "eva02", "coca")
         }
     pytest.importorskip("torch", reason="set LEGRAD_TEST_MODEL_DIR or install the export extra")
     from tiny_models import export_runtime_folders

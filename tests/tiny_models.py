@@ -382,6 +382,124 @@ def save_tiny_timm_token_model(root: Path, variant: str, seed: int = 0) -> Path:
     return folder
 
 
+# EVA-CLIP towers (timm Eva, class-token pooled, the CLIP rule): 2 blocks, width 64, 4 heads, real patches
+def _tiny_eva(name: str, **args):
+    from timm.models.eva import _create_eva
+
+    base = dict(embed_dim=64, depth=2, num_heads=4, global_pool="token")
+    return _create_eva(name, pretrained=False, **(base | args))
+
+
+def legrad_tiny_eva01(pretrained: bool = False, **kwargs):
+    """EVA01-g's `eva_giant_patch14_224`, shrunk: plain pre-norm blocks, fused qkv with q/v biases."""
+    return _tiny_eva("legrad_tiny_eva01", img_size=56, patch_size=14, mlp_ratio=6144 / 1408, **kwargs)
+
+
+def legrad_tiny_eva02(pretrained: bool = False, **kwargs):
+    """EVA02-B-16's `eva02_base_patch16_clip_224`, shrunk: separate q/k/v, attn.norm, SwiGLU with its
+    LayerNorm, 2-D RoPE rescaled from a 5×5 reference grid (B's is 16×16 at 14×14); LayerScale added
+    so the math's γ cannot be skipped."""
+    args = dict(
+        img_size=64, patch_size=16, qkv_fused=False, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True,
+        scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(5, 5), init_values=0.5,
+    )  # fmt: skip
+    return _tiny_eva("legrad_tiny_eva02", **(args | kwargs))
+
+
+def legrad_tiny_eva02_e(pretrained: bool = False, **kwargs):
+    """EVA02-E-14's `eva02_enormous_patch14_clip_224`, shrunk: post-norm blocks, GELU MLPs, fused qkv."""
+    args = dict(img_size=56, patch_size=14, mlp_ratio=15360 / 1792, use_post_norm=True)
+    return _tiny_eva("legrad_tiny_eva02_e", **(args | kwargs))
+
+
+def _register_tiny_eva_trunks() -> None:
+    import timm
+    from timm.models import register_model
+
+    for build in (legrad_tiny_eva01, legrad_tiny_eva02, legrad_tiny_eva02_e):
+        if build.__name__ not in timm.list_models(build.__name__):
+            register_model(build)
+
+
+_register_tiny_eva_trunks()
+
+EVA_VARIANTS = {"eva01": ("legrad_tiny_eva01", 56), "eva02": ("legrad_tiny_eva02", 64),
+                "eva02_e": ("legrad_tiny_eva02_e", 56)}  # fmt: skip
+
+
+def save_tiny_eva_model(root: Path, variant: str, seed: int = 0) -> Path:
+    """A local-dir: folder of a tiny EVA-CLIP (CLIP tokenizer), `timm_pool` "token" and `timm_proj` null
+    as the real configs; norms, LayerScale, q/v biases, the SwiGLU gate and the head's bias perturbed."""
+    trunk, size = EVA_VARIANTS[variant]
+    vision = {"image_size": size, "timm_model_name": trunk, "timm_model_pretrained": False}
+    cfg = {
+        "embed_dim": 48,  # ≠ width 64: the projection cannot be skipped
+        "custom_text": True,
+        "vision_cfg": vision | {"timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    folder = root / f"tiny-{variant}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if "norm" in name or name.endswith(("gamma_1", "gamma_2", "q_bias", "v_bias", "head.bias")):
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("fc1_g.weight"):  # timm inits the gate near zero: make it matter
+                p.add_(0.1 * torch.randn_like(p))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+# coca_ViT-B-32 shrunk: an attentional pooler of 256 latents, width 48 ≠ the tower's 64, 4 heads
+COCA_CFG = {
+    "embed_dim": 48,
+    "custom_text": True,  # as the real configs: open_clip builds a CoCa for custom_text + multimodal_cfg
+    "vision_cfg": {
+        "image_size": 64,
+        "layers": 3,
+        "width": 64,
+        "head_width": 16,
+        "patch_size": 16,
+        "attentional_pool": True,
+        "attn_pooler_heads": 4,
+        "output_tokens": True,
+    },
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 32,
+        "heads": 2,
+        "layers": 1,
+        "embed_cls": True,
+        "output_tokens": True,
+    },
+    "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def build_tiny_coca(seed: int = 0):
+    """A random-init tiny CoCa, its image tower's LayerNorm affines (ln_q, ln_k, ln_post too) perturbed."""
+    torch.manual_seed(seed)
+    model = open_clip.CoCa(**{k: v for k, v in COCA_CFG.items() if k != "custom_text"}).eval()
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if "ln" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def save_tiny_coca_model(root: Path, seed: int = 0) -> Path:
+    """A local-dir: folder of the tiny CoCa (CLIP tokenizer)."""
+    folder = root / "tiny-coca"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": COCA_CFG, "preprocess_cfg": {}}))
+    torch.save(build_tiny_coca(seed).state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
 def encode_at(model, pixels: torch.Tensor) -> torch.Tensor:
     """open_clip's own normalised image embeddings of a timm-tower model at the pixels' size: at
     another size than its own, of a deep copy resized by timm's `set_input_size`."""
@@ -456,6 +574,16 @@ def assert_matches_reference(loaded, size: int, layer_spec, batch: int = 2, prom
     assert layer_maps.abs().max() > 0  # a real map, not a degenerate all-zero one
 
 
+def export_with_cli(source: Path, out: Path) -> Path:
+    """`legrad-export --model local-dir:<source>`, which verifies the graphs against the reference."""
+    from legrad_export.cli import main
+
+    if main(["--model", f"local-dir:{source}", "--out", str(out), "--overwrite"]) != 0:
+        raise RuntimeError(f"legrad-export failed for {source}")
+    (folder,) = out.iterdir()
+    return folder
+
+
 def export_runtime_folders(out: Path) -> dict[str, Path]:
     """One exported folder per resize mode, for the runtime tests: {'squash': ..., 'shortest': ...}."""
     from legrad_export.load import load_openclip
@@ -478,6 +606,9 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
     folders["pe_core"] = export_model(pe_core, out / "pe_core", ExportSettings(overwrite=True))
     vitamin = load_openclip(str(save_tiny_timm_token_model(out / "source", "vitamin")))
     folders["vitamin"] = export_model(vitamin, out / "vitamin", ExportSettings(overwrite=True))
+    folders["eva02"] = export_with_cli(save_tiny_eva_model(out / "source", "eva02"), out / "eva02")
+    coca = load_openclip(str(save_tiny_coca_model(out / "source")))
+    folders["coca"] = export_model(coca, out / "coca", ExportSettings(overwrite=True))
     write_hf_tokenizer_cases(out / HF_TOKENIZER_CASES)
     return folders
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from legrad_runtime.errors import UnsupportedModelError
 
-from . import openclip_vit, timm_eva, timm_token_vit, timm_vit
+from . import openclip_vit, timm_eva, timm_eva_clip, timm_token_vit, timm_vit
 from .spec import Activation, Head, Mlp, Stem, TowerSpec
 
 __all__ = [
@@ -37,10 +37,12 @@ def describe_tower(model: nn.Module, model_name: str = "model") -> TowerSpec:
         return timm_token_vit.describe(visual, model_name)
     if timm_eva.is_timm_eva_map(visual):
         return timm_eva.describe(visual, model_name)
+    if timm_eva_clip.is_timm_eva_token(visual):
+        return timm_eva_clip.describe(visual, model_name)
     kind = type(visual).__name__ if visual is not None else "no image tower"
     raise UnsupportedModelError(
         f"{model_name}'s image tower is {kind}, which LeGrad export does not support; it exports "
-        "OpenCLIP ViTs (e.g. ViT-B-16), SigLIP/SigLIP2, PE-Core, MobileCLIP and ViTamin towers; "
+        "OpenCLIP ViTs (e.g. ViT-B-16), SigLIP/SigLIP2, PE-Core, MobileCLIP, ViTamin and EVA-CLIP towers; "
         "see `legrad-export --list-models`"
     )
 
@@ -52,6 +54,8 @@ def canonical_state_dict(
 
     `grid` (default: the native one) only matters to towers whose tensors depend on it: a RoPE table.
     """
+    if spec.family == "timm_eva" and spec.head == "token_mean":  # EVA-CLIP
+        return timm_eva_clip.canonical_state_dict(model.visual, spec.native_grid if grid is None else grid)
     if spec.family == "timm_eva":
         return timm_eva.canonical_state_dict(model.visual, spec.native_grid if grid is None else grid)
     if spec.family == "timm_vit" and spec.head == "token_mean":

@@ -1,4 +1,9 @@
-"""open_clip's own `VisionTransformer`: its description and its tensors under the canonical names."""
+"""open_clip's own `VisionTransformer`: its description and its tensors under the canonical names.
+
+CoCa's towers are this class with an `AttentionalPooler` (`attn_pool`, open_clip's original CoCa
+setup: pooler, then ln_post, then the first latent @ proj); LeGrad explains the pooler's
+cross-attention (head "attn_pool", shared/design/legrad.md).
+"""
 
 from __future__ import annotations
 
@@ -39,9 +44,11 @@ def is_openclip_vit(visual: nn.Module | None) -> bool:
 
 def describe(visual: VisionTransformer, model_name: str) -> TowerSpec:
     """The spec of an open_clip ViT; UnsupportedModelError for the variants LeGrad export lacks."""
-    if visual.attn_pool is not None:
+    pooler = visual.attn_pool
+    if pooler is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
         raise UnsupportedModelError(
-            f"{model_name} pools with an attentional pooler (CoCa); not supported yet"
+            f"{model_name} has a second, contrastive attentional pooler ({visual.attn_pool_type!r}); "
+            "LeGrad export supports open_clip's original CoCa pooling (one pooler, its first latent)"
         )
     blocks = list(visual.transformer.resblocks)
     odd = {type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock}
@@ -73,11 +80,12 @@ def describe(visual: VisionTransformer, model_name: str) -> TowerSpec:
         native_grid=grid_h,
         embed_dim=visual.proj.shape[1],
         activation=activation,
-        head="token_mean",
+        head="token_mean" if pooler is None else "attn_pool",
         prefix_tokens=1,
         pool_type=visual.pool_type,
         final_ln_after_pool=bool(visual.final_ln_after_pool),
         eps=blocks[0].ln_1.eps,
+        head_heads=0 if pooler is None else pooler.attn.num_heads,
     )
 
 
@@ -95,4 +103,23 @@ def canonical_state_dict(visual: VisionTransformer) -> dict[str, torch.Tensor]:
         new = _rename(name)
         if new is not None:
             out[new] = tensor
+    if visual.attn_pool is not None:
+        out |= _pooler_state_dict(visual.attn_pool)
+    return out
+
+
+def _pooler_state_dict(pooler: nn.Module) -> dict[str, torch.Tensor]:
+    """CoCa's AttentionalPooler: only latent 0 reaches the embedding LeGrad explains (and the model's)."""
+    mha = pooler.attn
+    if mha.in_proj_weight is not None:  # the pooler's width equals the tower's: one packed weight
+        q, k, v = mha.in_proj_weight.chunk(3)
+    else:
+        q, k, v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    qb, kb, vb = mha.in_proj_bias.chunk(3)
+    out = {"pool.latent": pooler.query[:1]}
+    for name, weight, bias in (("q", q, qb), ("k", k, kb), ("v", v, vb)):
+        out[f"pool.{name}.weight"], out[f"pool.{name}.bias"] = weight, bias
+    out["pool.proj.weight"], out["pool.proj.bias"] = mha.out_proj.weight, mha.out_proj.bias
+    for name, norm in (("norm_q", pooler.ln_q), ("norm_k", pooler.ln_k)):
+        out[f"pool.{name}.weight"], out[f"pool.{name}.bias"] = norm.weight, norm.bias
     return out

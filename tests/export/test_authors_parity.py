@@ -150,3 +150,32 @@ def test_siglip_reference_equals_the_authors_code(
 
 def _no_tokenizer(texts):
     raise AssertionError("the parity run embeds no text")
+
+
+# (image size, layer_index): a tiny CoCa (tiny_models.COCA_CFG), registered under a name on their side
+COCA_CASES = [(64, -2), (64, 0)]
+
+
+@pytest.mark.parametrize(("size", "layer_index"), COCA_CASES)
+def test_coca_maps_equal_the_authors_code_image_by_image(size, layer_index, authors_site, tmp_path):
+    """Their compute_legrad_coca takes one image and sums its prompts; ours is every pair at once."""
+    from legrad_export.reference_coca import legrad_reference_coca
+    from tiny_models import COCA_CFG, build_tiny_coca
+
+    model = build_tiny_coca(seed=4)
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    pixels, text = random_inputs(3, 2, size, COCA_CFG["embed_dim"], seed=6)
+    job = {"model_name": "legrad-tiny-coca", "model_cfg": COCA_CFG, "weights": str(weights)}
+    job |= {"pixel_values": pixels, "text_embeds": text, "layer_index": layer_index}
+    theirs = _run_authors(authors_site, tmp_path, job)
+    ref = legrad_reference_coca(model, pixels, text, layer_index)
+    loaded = wrap_openclip(model, "legrad-tiny-coca", tokenizer=_no_tokenizer)
+    with torch.no_grad():
+        ours = build_image_graph(loaded, size, resolve_layers(layer_index, 3))(pixels, text)[0]
+    assert theirs.shape == ours.shape == (3, 2, size, size)
+    span = theirs.flatten(2).amax(-1) - theirs.flatten(2).amin(-1)
+    assert torch.isfinite(theirs).all() and torch.allclose(span, torch.ones_like(span))  # real, min-max maps
+    diff, graph_diff = (ref.heatmaps - theirs).abs().max(), (ours - theirs).abs().max()
+    print(f"CoCa {size} px, layer_index={layer_index}: reference {diff:.2e}, our graph {graph_diff:.2e}")
+    assert diff <= 1e-5 and graph_diff <= 1e-5
