@@ -101,7 +101,8 @@ def compute_heatmaps(
     if loaded.vit.explains_head:
         raise ExportError(
             f"legrad-evaluate scores token-mean towers (CLIP ViTs such as ViT-B-16) next to their "
-            f"CLS-attention baselines; {loaded.model_name} is a MAP-head tower, not supported there yet"
+            f"CLS-attention baselines; {loaded.model_name} explains its pooling head's attention (a SigLIP, "
+            "PE-Core or CoCa tower), not supported there yet"
         )
     cfg = loaded.preprocess_cfg(image_size, resize_mode)
     legrad = build_image_graph(loaded, image_size, layers)

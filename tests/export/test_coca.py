@@ -158,3 +158,11 @@ def test_every_coca_model_called_supported_has_a_tower_the_exporter_describes(na
         assert spec.head_heads == cfg["vision_cfg"]["attn_pooler_heads"]
         assert sd["pool.latent"].shape == (1, q) and sd["pool.k.weight"].shape == (q, spec.width)
         assert sd["head.proj"].shape == (q, cfg["embed_dim"])
+
+
+def test_the_evaluation_refuses_a_coca_tower_by_name(coca):
+    from legrad_export.evaluate import compute_heatmaps
+    from legrad_runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match="tiny-coca explains its pooling head's attention"):
+        compute_heatmaps(coca, [], 64, (1, 2))

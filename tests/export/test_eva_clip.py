@@ -125,7 +125,7 @@ def test_the_cli_export_equals_the_reference(towers, model_folders):
         assert np.abs(have - want.numpy()).max() <= 1e-4
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 5])
 @pytest.mark.parametrize("prompts", [1, 4])
 def test_each_image_and_prompt_equals_its_single_result(model_folders, batch, prompts):
     """Traced at B = P = 2; every [b, p] of a batch equals that image and prompt run alone (EVA02)."""
