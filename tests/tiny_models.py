@@ -500,6 +500,18 @@ def save_tiny_coca_model(root: Path, seed: int = 0) -> Path:
     return folder
 
 
+def meta_tower(name: str) -> torch.nn.Module:
+    """open_clip model `name`'s image tower built on the meta device (no memory, any size in
+    milliseconds), held as `.visual`: what describe_tower and canonical_state_dict take."""
+    from open_clip.model import _build_vision_tower
+
+    cfg = open_clip.get_model_config(name)
+    holder = torch.nn.Module()
+    with torch.device("meta"):
+        holder.visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
+    return holder
+
+
 def encode_at(model, pixels: torch.Tensor) -> torch.Tensor:
     """open_clip's own normalised image embeddings of a timm-tower model at the pixels' size: at
     another size than its own, of a deep copy resized by timm's `set_input_size`."""

@@ -22,7 +22,13 @@ from legrad_export.reference_coca import legrad_reference_coca
 from legrad_export.support import all_models
 from legrad_runtime.errors import UnsupportedModelError
 from legrad_runtime.metadata import IMAGE_GRAPH, TEXT_GRAPH, read_metadata
-from tiny_models import COCA_CFG, assert_each_pair_equals_single, random_inputs, save_tiny_coca_model
+from tiny_models import (
+    COCA_CFG,
+    assert_each_pair_equals_single,
+    meta_tower,
+    random_inputs,
+    save_tiny_coca_model,
+)
 
 pytestmark = pytest.mark.torch
 
@@ -139,15 +145,10 @@ COCA_NAMES = [n for n, s in all_models() if s.family == "CoCa"]
 @pytest.mark.parametrize("name", COCA_NAMES)
 def test_every_coca_model_called_supported_has_a_tower_the_exporter_describes(name):
     """Built on the meta device: the spec matches the built tower (coca_base has no pooler: CLIP rule)."""
-    from open_clip.model import _build_vision_tower
-
     from legrad_export.towers import canonical_state_dict, describe_tower
 
     cfg = open_clip.get_model_config(name)
-    with torch.device("meta"):
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
-    holder = torch.nn.Module()
-    holder.visual = visual
+    holder = meta_tower(name)
     spec = describe_tower(holder, name)
     pooled = bool(cfg["vision_cfg"].get("attentional_pool"))
     assert spec.head == ("attn_pool" if pooled else "token_mean")

@@ -8,13 +8,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from open_clip.model import _build_vision_tower
 
 from legrad_export.cli import main
 from legrad_export.ops import activation
 from legrad_export.support import all_models, markdown, model_support, pair_support
 from legrad_export.towers import canonical_state_dict, describe_tower
 from legrad_runtime.errors import UnsupportedModelError
+from tiny_models import meta_tower
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -34,12 +34,6 @@ def test_models_called_supported_build_a_tower_the_exporter_accepts(name):
     describe_tower(open_clip.create_model(name), name)
 
 
-class _VisionOnly(torch.nn.Module):
-    def __init__(self, visual: torch.nn.Module):
-        super().__init__()
-        self.visual = visual
-
-
 SIGLIP_NAMES = [n for n, s in all_models() if s.family in ("timm SigLIP ViT", "timm PE-Core")]
 
 
@@ -47,9 +41,9 @@ SIGLIP_NAMES = [n for n, s in all_models() if s.family in ("timm SigLIP ViT", "t
 def test_every_map_head_model_called_supported_has_a_tower_the_exporter_describes(name):
     """Each image tower built without memory (meta device): the whole family, up to ViT-gopt, in seconds."""
     cfg = open_clip.get_model_config(name)
-    with torch.device("meta"):
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
-    spec = describe_tower(_VisionOnly(visual), name)
+    model = meta_tower(name)
+    visual = model.visual
+    spec = describe_tower(model, name)
     pe_core = name.startswith("PE-Core")
     assert spec.head == "map" and spec.rope == pe_core
     assert spec.prefix_tokens == (visual.trunk.cls_token is not None)
@@ -67,9 +61,9 @@ TIMM_TOKEN_NAMES = [n for n, s in all_models() if s.family in ("timm ViT", "timm
 def test_every_timm_token_model_called_supported_has_a_tower_the_exporter_describes(name):
     """MobileCLIP, ViTamin and the GAP ViT, built on the meta device: the spec matches the built tower."""
     cfg = open_clip.get_model_config(name)
-    with torch.device("meta"):
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
-    spec = describe_tower(_VisionOnly(visual), name)
+    model = meta_tower(name)
+    visual = model.visual
+    spec = describe_tower(model, name)
     trunk = visual.trunk
     assert spec.head == "token_mean" and spec.family == "timm_vit"
     assert spec.prefix_tokens == (trunk.cls_token is not None)
@@ -79,9 +73,7 @@ def test_every_timm_token_model_called_supported_has_a_tower_the_exporter_descri
     assert spec.native_grid * spec.patch_size == trunk.patch_embed.img_size[0]  # ViTamin-XL-384: 384, its
     # open_clip config says 256 (the tower has no positions, so the runtime's 256 px give a 16×16 grid)
     assert spec.embed_dim == cfg["embed_dim"]
-    sd = canonical_state_dict(
-        _VisionOnly(visual), spec
-    )  # ViTamin-XL has no positions, the GAP ViT no qkv bias
+    sd = canonical_state_dict(model, spec)  # ViTamin-XL has no positions, the GAP ViT no qkv bias
     assert sd["pos_embed"].shape == (spec.tokens(spec.native_grid), spec.width)
     assert all(sd[f"blocks.{i}.attn.qkv.bias"].shape == (3 * spec.width,) for i in range(spec.num_layers))
 
@@ -104,9 +96,9 @@ EVA_TRUNKS = {open_clip.get_model_config(n)["vision_cfg"]["timm_model_name"]: n 
 def test_every_eva_clip_trunk_has_a_tower_the_exporter_describes(name):
     """EVA01-g, EVA02-B/L/E built on the meta device: block kind, RoPE, grid and projection as built."""
     cfg = open_clip.get_model_config(name)
-    with torch.device("meta"):
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
-    spec = describe_tower(_VisionOnly(visual), name)
+    model = meta_tower(name)
+    visual = model.visual
+    spec = describe_tower(model, name)
     kind = {"EVA01": ("plain", False, False, False), "EVA02-E": ("plain", False, True, False)}.get(
         name[:7] if name.startswith("EVA02-E") else name[:5], ("swiglu", True, False, True)
     )
@@ -115,7 +107,7 @@ def test_every_eva_clip_trunk_has_a_tower_the_exporter_describes(name):
     assert spec.embed_dim == cfg["embed_dim"]
     assert spec.native_grid * spec.patch_size == cfg["vision_cfg"]["image_size"]
     assert isinstance(visual.trunk.head, torch.nn.Linear) and visual.trunk.head.bias is not None
-    sd = canonical_state_dict(_VisionOnly(visual), spec)
+    sd = canonical_state_dict(model, spec)
     assert sd["pos_embed"].shape == (spec.tokens(spec.native_grid), spec.width)
     assert sd["blocks.0.attn.qkv.weight"].shape == (3 * spec.width, spec.width)
     assert ("rope" in sd) == spec.rope and ("blocks.0.attn.norm.weight" in sd) == spec.attn_norm
