@@ -175,8 +175,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         graphs[("legrad", "int8")] = quantize_int8(graph, work / "legrad_int8.onnx")
         graphs[("plain", "int8")] = quantize_int8(plain, work / "plain_int8.onnx")
 
+    if meta.image_size[0] != meta.image_size[1]:
+        raise SystemExit(f"bench.py measures square exports; {folder} is {meta.image_size} (height, width)")
     base = {
-        "size": meta.image_size,
+        "size": meta.image_size[0],
         "batch": args.batch,
         "prompts": args.prompts,
         "embed_dim": meta.embed_dim,
@@ -258,7 +260,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load_after = os.getloadavg()[0]
     report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
         "model_name": meta.model_name,
-        "image_size": meta.image_size,
+        "image_size": list(meta.image_size),
         "layers": list(layers),
         "folder": str(folder),
     }
@@ -352,6 +354,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _size_label(size: int | list[int]) -> str:
+    """A report's image size: an int (older reports) or [height, width]."""
+    from legrad_runtime.metadata import format_size
+
+    return str(size) if isinstance(size, int) else format_size(tuple(size))
+
+
 def print_report(r: dict[str, Any]) -> None:
     s, m = r["settings"], r["machine"]
     before, after = m["loadavg_1min_before_after"]
@@ -359,8 +368,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"load average (1 min) before/after: {before:.2f}/{after:.2f}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     print(
-        f"model: {s['model_name']} at {s['image_size']}px, layers {s['layers']}, B={s['batch']}, "
-        f"P={s['prompts']}, {s['device']}, onnxruntime options: {s['ort_options']}, "
+        f"model: {s['model_name']} at {_size_label(s['image_size'])}px, layers {s['layers']}, "
+        f"B={s['batch']}, P={s['prompts']}, {s['device']}, onnxruntime options: {s['ort_options']}, "
         f"median of {s['repeats']} after {s.get('warmups', 1)} warm-up\n"
     )
     cols = ["median s", "images/s", "vs plain", "B=1 p50 ms", "p95 ms", "peak RSS MB", "steal %"]

@@ -29,7 +29,7 @@ def attention_probs(vit: ExplicitViT, pixel_values: torch.Tensor) -> list[torch.
 
 def _patch_grid(rows: torch.Tensor, vit: ExplicitViT) -> torch.Tensor:
     """(B, N) rows over all tokens → (B, g, g) over the patches (CLS column dropped)."""
-    return rows[:, 1:].reshape(-1, vit.grid, vit.grid)
+    return rows[:, 1:].reshape(-1, *vit.grid)
 
 
 @torch.no_grad()

@@ -23,10 +23,11 @@ from rich.console import Console
 from legrad_runtime.cli_runner import EXIT_OK, run_main
 from legrad_runtime.errors import ExportError
 from legrad_runtime.files import ensure_output_folder
+from legrad_runtime.metadata import RESIZE_MODES, Size, parse_size
 
 from .layers import DEFAULT_LAYERS
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "IMAGE_SIZE_HELP", "RESIZE_MODE_HELP", "image_size_option"]
 
 PROG = "legrad-export"
 
@@ -37,6 +38,22 @@ _STAGE_TEXT = {
     "check": "check the graphs and verify them against the reference",
     "write": "write tokenizer, metadata and checksums",
 }
+
+
+IMAGE_SIZE_HELP = (
+    "input size: 448 (a square) or WIDTHxHEIGHT such as 448x336 (landscape 4:3), each side a multiple "
+    "of the patch (default: the model's)"
+)
+RESIZE_MODE_HELP = (
+    "how the runtime fits images to the input: squash (LeGrad's demos, the whole image, aspect not "
+    "kept), shortest (open_clip's: shorter side, then a centre crop) or longest (aspect kept, the "
+    "whole image, padded with black)"
+)
+
+
+def image_size_option(text: str | None) -> Size | None:
+    """--image-size '448' or 'WIDTHxHEIGHT' → (height, width); None stays None. ValueError names the fix."""
+    return None if text is None else parse_size(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,19 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="open_clip tag (e.g. laion2b_s34b_b88k), a local checkpoint path, or 'none' for random weights "
         "(the default); with --list-models, list every pretrained (model, tag) pair",
     )
-    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument("--image-size", default=None, metavar="SIZE", help=IMAGE_SIZE_HELP)
     p.add_argument(
         "--layers",
         default=None,
         help="blocks to explain: -2 = last two, k = blocks k..L-1, 'all', or a list '8,10,11' (default: "
         f"what a local model folder's legrad_defaults.json names, else {DEFAULT_LAYERS})",
     )
-    p.add_argument(
-        "--resize-mode",
-        choices=("squash", "shortest"),
-        default="squash",
-        help="how the runtime fits images: squash (LeGrad's demos, whole image) or shortest (+ center crop)",
-    )
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default="squash", help=RESIZE_MODE_HELP)
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
@@ -154,8 +166,10 @@ def _export(args: argparse.Namespace) -> int:
         raise ExportError("--model is required (e.g. --model ViT-B-16); see --list-models")
     if not 0 < args.correction_threshold <= 1:
         raise ExportError(f"--correction-threshold {args.correction_threshold} must be in (0, 1]")
-    if args.image_size is not None and args.image_size <= 0:
-        raise ExportError(f"--image-size {args.image_size} must be a positive multiple of the patch size")
+    try:
+        image_size = image_size_option(args.image_size)
+    except ValueError as exc:
+        raise ExportError(f"--image-size {args.image_size}: {exc}") from None
     try:
         out = ensure_output_folder(args.out)  # before the slow part
     except ValueError as exc:
@@ -170,7 +184,7 @@ def _export(args: argparse.Namespace) -> int:
 
         loaded = load_from_args(args)
         settings = ExportSettings(
-            image_size=args.image_size,
+            image_size=image_size,
             layers=args.layers,
             resize_mode=args.resize_mode,
             verify=not args.no_verify,

@@ -23,6 +23,7 @@ from legrad_runtime.evaluation import (
     centre_prior,
     score_cases,
 )
+from legrad_runtime.metadata import Size
 from legrad_runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_original
 
 from .baselines import attention_rollout, cls_attention
@@ -78,15 +79,15 @@ def _plan(
     return calls
 
 
-def _to_square(maps: torch.Tensor, size: int) -> np.ndarray:
-    """(B, g, g) grid maps → (B, S, S) numpy, upsampled exactly as LeGrad's own maps."""
+def _to_input(maps: torch.Tensor, size: Size) -> np.ndarray:
+    """(B, gh, gw) grid maps → (B, H, W) numpy, upsampled exactly as LeGrad's own maps."""
     return upsample(maps.unsqueeze(1), size)[:, 0].numpy()
 
 
 def compute_heatmaps(
     loaded: LoadedModel,
     cases: Sequence[Case],
-    image_size: int,
+    image_size: int | Size,
     layers: tuple[int, ...],
     resize_mode: str = "squash",
     batch_size: int = 8,
@@ -129,8 +130,8 @@ def compute_heatmaps(
         pixel_values = torch.from_numpy(pixels)
         with torch.no_grad():
             heatmaps = legrad(pixel_values, text_embeds[[prompt_index[p] for p in union]])[0].numpy()
-        cls_maps = _to_square(cls_attention(vit, pixel_values), image_size)
-        rollout_maps = _to_square(attention_rollout(vit, pixel_values), image_size)
+        cls_maps = _to_input(cls_attention(vit, pixel_values), vit.image_size)
+        rollout_maps = _to_input(attention_rollout(vit, pixel_values), vit.image_size)
         for b, ((path, wanted), placement) in enumerate(zip(call, placements)):
             shared = {
                 CLS_ATTENTION: to_original(cls_maps[b], placement),
@@ -151,7 +152,7 @@ def compute_heatmaps(
 def evaluate_cases(
     loaded: LoadedModel,
     cases: Sequence[Case],
-    image_size: int,
+    image_size: int | Size,
     layers: tuple[int, ...],
     resize_mode: str = "squash",
     threshold: float = 0.5,

@@ -29,8 +29,9 @@ from legrad_runtime.evaluation import (
     score_cases,
 )
 from legrad_runtime.files import ensure_output_folder
+from legrad_runtime.metadata import RESIZE_MODES, Size, format_size
 
-from .cli import add_loading_options, load_from_args
+from .cli import IMAGE_SIZE_HELP, RESIZE_MODE_HELP, add_loading_options, image_size_option, load_from_args
 
 __all__ = ["build_parser", "main"]
 
@@ -45,19 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cases_dir", help="folder with cases.csv (columns image,prompt,mask[,group])")
     p.add_argument("--model", required=True, help="open_clip model name, local-dir:PATH, or a model folder")
     p.add_argument("--pretrained", default="none", help="open_clip tag, a local checkpoint path, or 'none'")
-    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument("--image-size", default=None, metavar="SIZE", help=IMAGE_SIZE_HELP)
     p.add_argument(
         "--layers",
         default=None,
         help="blocks LeGrad sums: -2 = last two, k = blocks k..L-1, 'all', or '8,10,11' "
         "(default: as the exporter: the model folder's legrad_defaults.json, else -2)",
     )
-    p.add_argument(
-        "--resize-mode",
-        choices=("squash", "shortest"),
-        default="squash",
-        help="how images are fitted to the square input (default: squash, as the exporter)",
-    )
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default="squash", help=RESIZE_MODE_HELP)
     p.add_argument(
         "--heatmaps",
         default=None,
@@ -86,8 +82,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError(f"--threshold {args.threshold} is outside [0, 1]")
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.image_size is not None and args.image_size <= 0:
-        raise InputError(f"--image-size {args.image_size} must be a positive multiple of the patch size")
+    try:
+        image_size_option(args.image_size)
+    except ValueError as exc:
+        raise InputError(f"--image-size {args.image_size}: {exc}") from None
     try:
         if args.json is not None:
             target = Path(args.json).expanduser()
@@ -102,12 +100,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError(str(exc)) from None
 
 
-def _resolve(loaded: Any, args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
+def _resolve(loaded: Any, args: argparse.Namespace) -> tuple[Size, tuple[int, ...]]:
     from .layers import resolve_layers
     from .load import default_layer_spec
     from .onnx_export import resolve_image_size
 
-    size = resolve_image_size(loaded, args.image_size, batch=args.batch_size)
+    size = resolve_image_size(loaded, image_size_option(args.image_size), batch=args.batch_size)
     spec = default_layer_spec(loaded) if args.layers is None else args.layers
     try:
         return size, resolve_layers(spec, loaded.vit.num_layers)
@@ -164,7 +162,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = {
         "model": loaded.model_name,
         "pretrained": loaded.pretrained,
-        "image_size": size,
+        "image_size": list(size),
         "layers": list(layers),
         "resize_mode": args.resize_mode,
         "cases_dir": str(Path(args.cases_dir).resolve()),
@@ -174,7 +172,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         **evaluation.to_dict(),
     }
     _write_outputs(args, report, {m: maps[m] for m in METHODS})
-    header = f"{loaded.model_name} ({loaded.pretrained}), {size} px, layers {','.join(map(str, layers))}"
+    layer_list = ",".join(map(str, layers))
+    header = f"{loaded.model_name} ({loaded.pretrained}), {format_size(size)} px, layers {layer_list}"
     print(f"{header}, {len(cases)} cases\n{format_table(evaluation)}")
     return EXIT_OK
 

@@ -7,6 +7,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from legrad_runtime.metadata import Size, as_size
+
 from .legrad import LeGrad
 from .legrad_map import MapLeGrad
 from .load import LoadedModel, visual_state_dict
@@ -33,15 +35,16 @@ def empty_prompt_embed(loaded: LoadedModel, prompt: str = EMPTY_PROMPT) -> torch
         return loaded.model.encode_text(loaded.tokenizer([prompt]), normalize=True)[0]
 
 
-def explicit_vit(loaded: LoadedModel, image_size: int) -> ExplicitViT:
-    """The explicit image tower at `image_size`, from copies of the model's tensors (and stem)."""
+def explicit_vit(loaded: LoadedModel, image_size: int | Size) -> ExplicitViT:
+    """The explicit image tower at `image_size` ((height, width); an int is a square), from copies of
+    the model's tensors (and stem)."""
     sd = visual_state_dict(loaded, image_size)
     return ExplicitViT(loaded.vit, sd, image_size, stem_module(loaded.model, loaded.vit))
 
 
 def build_image_graph(
     loaded: LoadedModel,
-    image_size: int,
+    image_size: int | Size,
     layers: tuple[int, ...],
     correction: bool = True,
     threshold: float = DEFAULT_THRESHOLD,
@@ -73,10 +76,10 @@ class TextGraph(nn.Module):
 
 
 def example_image_inputs(
-    image_size: int, embed_dim: int, batch: int, prompts: int, seed: int = 0
+    image_size: int | Size, embed_dim: int, batch: int, prompts: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random inputs of the image graph: standardised pixels and unit text embeddings."""
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 3, image_size, image_size, generator=gen)
+    pixels = torch.randn(batch, 3, *as_size(image_size), generator=gen)
     text = torch.nn.functional.normalize(torch.randn(prompts, embed_dim, generator=gen), dim=-1)
     return pixels, text

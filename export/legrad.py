@@ -50,9 +50,11 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
     return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, P, g, g) → (B, P, size, size), bilinear, align_corners=False (ONNX Resize half_pixel)."""
-    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(B, P, gh, gw) → (B, P, H, W) (an int size is a square), bilinear, align_corners=False (ONNX
+    Resize half_pixel)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -115,9 +117,10 @@ class LeGrad(nn.Module):
         super().__init__()
         if not layers:
             raise ValueError("LeGrad needs at least one layer")
-        if vit.image_size % vit.cfg.patch_size:
+        if any(side % vit.cfg.patch_size for side in vit.image_size):
             raise ValueError(
-                f"image size {vit.image_size} is not divisible by the patch size {vit.cfg.patch_size}"
+                f"image size {vit.image_size} (height, width) is not divisible by the patch size "
+                f"{vit.cfg.patch_size}"
             )
         bad = [i for i in layers if not 0 <= i < vit.cfg.num_layers]
         if bad:
@@ -158,7 +161,7 @@ class LeGrad(nn.Module):
         else:
             count = torch.zeros((), dtype=torch.int64)
             maps = torch.stack([one_prompt(count, t)[1] for t in text_embeds])  # (P, B, L, N-R)
-        B, g = pixel_values.shape[0], self.vit.grid
-        layer_maps = maps.transpose(0, 1).reshape(B, -1, len(self.layers), g, g)  # (B, P, L, g, g)
-        heatmaps = min_max(upsample(layer_maps.sum(2), self.vit.image_size))  # (B, P, S, S)
+        B, (gh, gw) = pixel_values.shape[0], self.vit.grid
+        layer_maps = maps.transpose(0, 1).reshape(B, -1, len(self.layers), gh, gw)  # (B, P, L, gh, gw)
+        heatmaps = min_max(upsample(layer_maps.sum(2), self.vit.image_size))  # (B, P, H, W)
         return heatmaps, layer_maps, image_embeds

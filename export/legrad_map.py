@@ -67,11 +67,11 @@ class MapLeGrad(nn.Module):
         P = text_embeds.shape[0]
         texts = text_embeds if self.empty_embed is None else torch.cat([text_embeds, self.empty_embed])
         maps = torch.stack([head.prompt_maps(head.forward_traced(z), texts) for z in outputs], dim=2)
-        B, g = pixel_values.shape[0], self.vit.grid
-        maps = maps.reshape(B, -1, len(self.layers), g, g)  # (B, P or P+1, L, g, g)
-        summed = maps[:, :P].sum(2)  # (B, P, g, g)
+        B, (gh, gw) = pixel_values.shape[0], self.vit.grid
+        maps = maps.reshape(B, -1, len(self.layers), gh, gw)  # (B, P or P+1, L, gh, gw)
+        summed = maps[:, :P].sum(2)  # (B, P, gh, gw)
         if self.empty_embed is not None:
-            empty = min_max(maps[:, P:].sum(2))  # (B, 1, g, g)
+            empty = min_max(maps[:, P:].sum(2))  # (B, 1, gh, gw)
             summed = torch.where(empty > self.threshold, torch.zeros_like(summed), summed)
         if self.vit.cfg.head == "attn_pool":
             return min_max(upsample(summed, self.vit.image_size)), maps, image_embeds
@@ -82,9 +82,9 @@ class MapLeGrad(nn.Module):
         )
 
 
-def upsample_cover(maps: torch.Tensor, patch: int, size: int) -> torch.Tensor:
-    """(B, P, g, g) → (B, P, S, S): bilinear by the patch size; where S is no multiple of the patch,
-    the strip right and below that the patches never cover (the model floors, as timm does) is 0."""
-    covered = maps.shape[-1] * patch
-    out = upsample(maps, covered)
-    return F.pad(out, (0, size - covered, 0, size - covered)) if covered < size else out
+def upsample_cover(maps: torch.Tensor, patch: int, size: tuple[int, int]) -> torch.Tensor:
+    """(B, P, gh, gw) → (B, P, H, W): bilinear by the patch size; where a side is no multiple of the
+    patch, the strip right or below that the patches never cover (the model floors, as timm does) is 0."""
+    (height, width), covered_h, covered_w = size, maps.shape[-2] * patch, maps.shape[-1] * patch
+    out = upsample(maps, (covered_h, covered_w))
+    return F.pad(out, (0, width - covered_w, 0, height - covered_h)) if out.shape[-2:] != size else out

@@ -29,7 +29,7 @@ from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_mod
 from safetensors import SafetensorError
 
 from legrad_runtime.errors import ExportError, UnsupportedModelError
-from legrad_runtime.metadata import PreprocessCfg, Vocabulary, sha256_file
+from legrad_runtime.metadata import PreprocessCfg, Size, Vocabulary, as_size, sha256_file
 
 from .layers import DEFAULT_LAYERS
 from .support import model_support
@@ -105,7 +105,7 @@ class LoadedModel:
     context_length: int
     defaults: ModelDefaults = ModelDefaults()
 
-    def preprocess_cfg(self, size: int, resize_mode: str) -> PreprocessCfg:
+    def preprocess_cfg(self, size: int | Size, resize_mode: str) -> PreprocessCfg:
         """The runtime's preprocessing for this model at `size` (ValueError on a bad resize_mode)."""
         pre = self.preprocess
         return PreprocessCfg(size, pre["mean"], pre["std"], pre["interpolation"], resize_mode)
@@ -301,8 +301,9 @@ def default_layer_spec(loaded: LoadedModel) -> str:
     return loaded.defaults.layers or str(DEFAULT_LAYERS)
 
 
-def visual_state_dict(loaded: LoadedModel, image_size: int | None = None) -> dict[str, torch.Tensor]:
+def visual_state_dict(loaded: LoadedModel, image_size: int | Size | None = None) -> dict[str, torch.Tensor]:
     """The image tower's tensors under the canonical names (views; the exporter copies what it keeps),
-    for input of `image_size` px (default: the model's own)."""
-    grid = None if image_size is None else image_size // loaded.vit.patch_size
+    for input of `image_size` px ((height, width) or a square's side; default: the model's own)."""
+    patch = loaded.vit.patch_size
+    grid = None if image_size is None else tuple(side // patch for side in as_size(image_size))
     return canonical_state_dict(loaded.model, loaded.vit, grid)

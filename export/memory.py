@@ -2,8 +2,8 @@
 
 Refused up front with the estimate, instead of a 60 GB allocation minutes in. Counted in float32:
 
-- always: the positional embedding resampled to N = (S / patch)² + prefix tokens (N × width) and
-  the example images (batch × 3 × S²);
+- always: the positional embedding resampled to N = (H / patch)·(W / patch) + prefix tokens
+  (N × width) and the example images (batch × 3 × H·W);
 - when the graph runs (verification, evaluation): for towers whose blocks' attention is explained
   (CLIP), the autograd reference keeps every block's attention for its backward, and the analytic
   graph holds a few more per block, so about batch × heads × N² × (layers + 4) values; for MAP-head
@@ -19,15 +19,21 @@ from __future__ import annotations
 import os
 
 from legrad_runtime.errors import ExportError
+from legrad_runtime.metadata import Size, as_size, format_size
 
 from .towers import TowerSpec
 
 __all__ = ["estimate_bytes", "available_bytes", "check_fits"]
 
 
-def estimate_bytes(vit: TowerSpec, size: int, batch: int, runs_graph: bool) -> int:
-    tokens = vit.tokens(size // vit.patch_size)
-    values = tokens * vit.width + batch * 3 * size * size
+def _tokens(vit: TowerSpec, size: Size) -> int:
+    return vit.tokens((size[0] // vit.patch_size, size[1] // vit.patch_size))
+
+
+def estimate_bytes(vit: TowerSpec, size: int | Size, batch: int, runs_graph: bool) -> int:
+    size = as_size(size)
+    tokens = _tokens(vit, size)
+    values = tokens * vit.width + batch * 3 * size[0] * size[1]
     if runs_graph:
         values += batch * vit.heads * tokens**2 * (4 if vit.explains_head else vit.num_layers + 4)
         values += batch * tokens * 4 * vit.width * vit.num_layers
@@ -49,13 +55,15 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_fits(vit: TowerSpec, model_name: str, size: int, batch: int, runs_graph: bool) -> None:
+def check_fits(vit: TowerSpec, model_name: str, size: int | Size, batch: int, runs_graph: bool) -> None:
     """ExportError with the estimate when `size` cannot fit in the memory available now."""
     need, have = estimate_bytes(vit, size, batch, runs_graph), available_bytes()
     if have is not None and need > have:
-        tokens = vit.tokens(size // vit.patch_size)
+        size = as_size(size)
+        tokens = _tokens(vit, size)
         raise ExportError(
-            f"image size {size} needs about {need / 1e9:,.1f} GB for {model_name} ({tokens:,} tokens, "
+            f"image size {format_size(size)} needs about {need / 1e9:,.1f} GB for {model_name} "
+            f"({tokens:,} tokens, "
             f"batch {batch}), but this machine has {have / 1e9:.1f} GB available; use a smaller "
             "--image-size" + (" (or --no-verify, which skips running the graph)" if runs_graph else "")
         )

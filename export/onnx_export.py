@@ -33,7 +33,10 @@ from legrad_runtime.metadata import (
     FileEntry,
     GraphSpec,
     ModelMetadata,
+    Size,
     TowerCfg,
+    as_size,
+    format_size,
     sha256_file,
 )
 from legrad_runtime.session import PROMPT_LOOP_KEY
@@ -52,19 +55,20 @@ _TWO_GB = 2**31 - 2**24  # protobuf's limit, with room for the graph itself
 
 @dataclass(frozen=True)
 class ExportSettings:
-    image_size: int | None = None  # None: the model's native size
+    image_size: int | Size | None = None  # (height, width) or a square's side; None: the model's native size
     layers: int | str | tuple[int, ...] | None = None  # None: the model's recommendation, else DEFAULT_LAYERS
-    resize_mode: str = "squash"  # how the runtime fits images to the square input (LeGrad's demos squash)
+    resize_mode: str = "squash"  # how the runtime fits images to the input (LeGrad's demos squash)
     verify: bool = True
     overwrite: bool = False
     correction: bool = True  # MAP-head towers: the authors' empty-prompt correction
     correction_threshold: float = DEFAULT_THRESHOLD
 
 
-def model_folder_name(loaded: LoadedModel, image_size: int) -> str:
+def model_folder_name(loaded: LoadedModel, image_size: int | Size) -> str:
+    """MODEL__PRETRAINED__SIZE, SIZE '448' for a square, 'WIDTHxHEIGHT' ('448x336') otherwise."""
     name = loaded.model_name.split(":", 1)[-1].rstrip("/").split("/")[-1]
     pretrained = Path(loaded.pretrained).stem if "." in loaded.pretrained else loaded.pretrained
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}__{pretrained}__{image_size}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}__{pretrained}__{format_size(as_size(image_size))}")
 
 
 def check_output_root(out_root: Path) -> None:
@@ -76,24 +80,31 @@ def check_output_root(out_root: Path) -> None:
 
 
 def resolve_image_size(
-    loaded: LoadedModel, image_size: int | None, batch: int = 2, runs_graph: bool = True
-) -> int:
-    """The export size: the model's own when None; a positive multiple of the patch that fits in memory.
+    loaded: LoadedModel, image_size: int | Size | None, batch: int = 2, runs_graph: bool = True
+) -> Size:
+    """The export size (height, width): the model's own when None; each side a positive multiple of
+    the patch, and the whole fitting in memory.
 
     A MAP-head tower's (SigLIP's) own size may be no multiple of its patch (SO400M-14 at 384): it is kept, and
     the model sees the 27×27 patches that fit, as it was trained.
     """
-    native = loaded.preprocess["size"]
-    size = native if image_size is None else image_size
+    native = as_size(loaded.preprocess["size"])
     patch = loaded.vit.patch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ExportError(f"image size {size!r} must be a positive multiple of the patch size {patch}")
-    if size % patch and not (size == native and loaded.vit.head == "map"):
-        lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
+    try:
+        size = native if image_size is None else as_size(image_size)
+    except ValueError:
         raise ExportError(
-            f"image size {size} is not a positive multiple of {loaded.model_name}'s patch size {patch}; "
-            f"use e.g. {lower} or {upper}"
-        )
+            f"image size {image_size!r} must be a positive multiple of the patch size {patch}, or "
+            "(height, width) of two"
+        ) from None
+    for side in size:
+        if side <= 0 or side % patch and not (size == native and loaded.vit.head == "map"):
+            lower, upper = max(patch, side // patch * patch), (max(side, 0) // patch + 1) * patch
+            what = f"image size {format_size(size)}" + ("" if size[0] == size[1] else f": side {side}")
+            raise ExportError(
+                f"{what} is not a positive multiple of {loaded.model_name}'s patch size {patch}; "
+                f"use e.g. {lower} or {upper}"
+            )
     check_fits(loaded.vit, loaded.model_name, size, batch, runs_graph)
     return size
 
@@ -174,7 +185,7 @@ def export_model(
             loaded, size, layers, settings.correction, settings.correction_threshold
         )
         text_graph = TextGraph(loaded)
-        grid = size // loaded.vit.patch_size
+        grid = (size[0] // loaded.vit.patch_size, size[1] // loaded.vit.patch_size)
         tower = loaded.vit
         correction = (
             CorrectionCfg(settings.correction, EMPTY_PROMPT, settings.correction_threshold)
@@ -207,7 +218,7 @@ def export_model(
             logit_scale=loaded.logit_scale,
             logit_bias=loaded.logit_bias,
             activation=loaded.vit.activation,
-            tower=TowerCfg(tower.family, tower.head, tower.prefix_tokens, (grid, grid)),
+            tower=TowerCfg(tower.family, tower.head, tower.prefix_tokens, grid),
             correction=correction,
             preprocess=preprocess,
             tokenizer=write_tokenizer(loaded, tmp),

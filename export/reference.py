@@ -26,35 +26,38 @@ __all__ = ["LeGradOutput", "legrad_reference", "timm_trunk_at"]
 
 @dataclass(frozen=True)
 class LeGradOutput:
-    heatmaps: torch.Tensor  # (B, P, S, S) in [0, 1]
-    layer_maps: torch.Tensor  # (B, P, L, g, g) raw per-layer maps
+    heatmaps: torch.Tensor  # (B, P, H, W) in [0, 1]
+    layer_maps: torch.Tensor  # (B, P, L, gh, gw) raw per-layer maps
     image_embeds: torch.Tensor  # (B, E) L2-normalised
     layers: tuple[int, ...]
 
 
-def timm_trunk_at(trunk, size: int):
-    """A timm trunk for size×size input: itself at its own size, else a deep copy resized by timm's
-    `set_input_size` (positions resampled, a RoPE table rebuilt); the model is never touched."""
-    if (size, size) == tuple(trunk.patch_embed.img_size):
+def timm_trunk_at(trunk, size: int | tuple[int, int]):
+    """A timm trunk for input of `size` ((height, width), an int is a square): itself at its own size,
+    else a deep copy resized by timm's `set_input_size` (positions resampled, a RoPE table rebuilt);
+    the model is never touched."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if size == tuple(trunk.patch_embed.img_size):
         return trunk
     resized = copy.deepcopy(trunk)
-    resized.set_input_size(img_size=(size, size))
+    resized.set_input_size(img_size=size)
     return resized
 
 
 def _embed(visual, pixel_values: torch.Tensor) -> torch.Tensor:
     patch = visual.patch_size[0]
-    grid = pixel_values.shape[-1] // patch
+    grid = [pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch]
     pos = visual.positional_embedding
-    if pos.shape[0] != grid * grid + 1:
+    if grid != list(visual.grid_size):
         pos = resample_abs_pos_embed(
             pos.unsqueeze(0),
-            new_size=[grid, grid],
+            new_size=grid,
+            old_size=list(visual.grid_size),
             num_prefix_tokens=1,
             interpolation="bicubic",
             antialias=True,
         ).squeeze(0)
-    x = visual.conv1(pixel_values).flatten(2).transpose(1, 2)  # (B, g*g, D)
+    x = visual.conv1(pixel_values).flatten(2).transpose(1, 2)  # (B, gh*gw, D)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
     return visual.ln_pre(x)
@@ -95,15 +98,15 @@ def legrad_reference(
 ) -> LeGradOutput:
     """LeGrad maps for B images × P prompts with one image forward and autograd.
 
-    `model` is an open_clip CLIP with a VisionTransformer image tower; `pixel_values` (B, 3, S, S)
-    preprocessed, S any multiple of the patch size; `text_embeds` (P, E) L2-normalised.
+    `model` is an open_clip CLIP with a VisionTransformer image tower; `pixel_values` (B, 3, H, W)
+    preprocessed, H and W any multiples of the patch size; `text_embeds` (P, E) L2-normalised.
     """
     visual = model.visual
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", True)
     chosen = resolve_layers(layers, len(blocks))
     patch = visual.patch_size[0]
-    grid = pixel_values.shape[-1] // patch
+    grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
     num_prompts = text_embeds.shape[0]
 
     outputs: dict[int, torch.Tensor] = {}
@@ -132,10 +135,10 @@ def legrad_reference(
             for p in range(num_prompts):
                 (grad,) = torch.autograd.grad(sim[:, p].sum(), attentions[i], retain_graph=True)
                 relevance = grad.clamp(min=0).mean(dim=1).mean(dim=1)[:, 1:]  # (B, N-1)
-                maps.append(relevance.reshape(-1, grid, grid))
-        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, g, g)
+                maps.append(relevance.reshape(-1, *grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, gh, gw)
 
-    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, g, g)
+    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, gh, gw)
     upsampled = sum(
         F.interpolate(m, scale_factor=patch, mode="bilinear", align_corners=False) for m in per_layer
     )

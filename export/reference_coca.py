@@ -61,7 +61,7 @@ def legrad_reference_coca(
     batch_first = getattr(visual.transformer, "batch_first", True)
     chosen = resolve_layers(layers, len(blocks))
     patch = visual.patch_size[0]
-    grid = pixel_values.shape[-1] // patch
+    grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
 
     outputs = []
     with torch.no_grad():
@@ -81,11 +81,11 @@ def legrad_reference_coca(
             maps = []
             for p in range(text_embeds.shape[0]):
                 (grad,) = torch.autograd.grad(sim[:, p].sum(), attn, retain_graph=True)
-                relevance = grad.clamp(min=0).mean(dim=1)[:, 0, 1:]  # heads averaged, latent 0, (B, g·g)
-                maps.append(relevance.reshape(-1, grid, grid))
-        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, g, g)
+                relevance = grad.clamp(min=0).mean(dim=1)[:, 0, 1:]  # heads averaged, latent 0, (B, gh·gw)
+                maps.append(relevance.reshape(-1, *grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, gh, gw)
 
-    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, g, g)
+    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, gh, gw)
     upsampled = sum(
         F.interpolate(m, scale_factor=patch, mode="bilinear", align_corners=False) for m in per_layer
     )

@@ -61,12 +61,13 @@ def _embed(trunk, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             "the trunk has prefix (class or register) tokens; this reference is for MAP-head towers"
         )
-    grid = pixel_values.shape[-1] // trunk.patch_embed.patch_size[0]
+    patch = trunk.patch_embed.patch_size[0]
+    grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
     x = trunk.patch_embed.norm(trunk.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2))
     pos = trunk.pos_embed
-    if pos.shape[1] != grid * grid:
+    if grid != tuple(trunk.patch_embed.grid_size):
         pos = resample_abs_pos_embed(
-            pos, new_size=(grid, grid), old_size=trunk.patch_embed.grid_size, num_prefix_tokens=0
+            pos, new_size=grid, old_size=trunk.patch_embed.grid_size, num_prefix_tokens=0
         )
     return trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x + pos)))
 
@@ -78,8 +79,8 @@ def _min_max(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-def _layer_maps(trunk, tokens: list[torch.Tensor], text: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, P, L, g, g): E_l,p for each explained block's tokens and each prompt embedding."""
+def _layer_maps(trunk, tokens: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, P, L, gh, gw): E_l,p for each explained block's tokens and each prompt embedding."""
     per_layer = []
     prefix = trunk.num_prefix_tokens  # PE-Core's class token: its column is dropped
     for z in tokens:
@@ -90,8 +91,8 @@ def _layer_maps(trunk, tokens: list[torch.Tensor], text: torch.Tensor, grid: int
         maps = []
         for p in range(text.shape[0]):  # one prompt at a time, as the authors' code is called
             (grad,) = torch.autograd.grad(scores[:, p].sum(), attn, retain_graph=True)
-            maps.append(grad.clamp(min=0).mean(dim=1)[:, 0, prefix:])  # (B, g·g): heads averaged, one query
-        per_layer.append(torch.stack(maps, dim=1).reshape(z.shape[0], text.shape[0], grid, grid))
+            maps.append(grad.clamp(min=0).mean(dim=1)[:, 0, prefix:])  # (B, gh·gw): heads averaged, one query
+        per_layer.append(torch.stack(maps, dim=1).reshape(z.shape[0], text.shape[0], *grid))
     return torch.stack(per_layer, dim=2)
 
 
@@ -107,10 +108,11 @@ def legrad_reference_siglip(
     trunk = model.visual.trunk
     used = resolve_layers(layers, len(trunk.blocks))
     patch = trunk.patch_embed.patch_size[0]
-    grid = pixel_values.shape[-1] // patch
+    height, width = pixel_values.shape[-2:]
+    grid = (height // patch, width // patch)
     eva = trunk.__class__.__name__ == "Eva"
     if eva:
-        trunk = timm_trunk_at(trunk, pixel_values.shape[-1])
+        trunk = timm_trunk_at(trunk, (height, width))
     with torch.no_grad():
         x, rope = _embed_eva(trunk, pixel_values) if eva else (_embed(trunk, pixel_values), None)
         tokens = []
@@ -121,11 +123,11 @@ def legrad_reference_siglip(
         image_embeds = F.normalize(model.visual.head(trunk.forward_head(trunk.norm(x))), dim=-1)
     with torch.enable_grad():
         layer_maps = _layer_maps(trunk, tokens, text_embeds, grid)
-        summed = layer_maps.sum(dim=2)  # (B, P, g, g)
+        summed = layer_maps.sum(dim=2)  # (B, P, gh, gw)
         if empty_embed is not None:
             empty = _layer_maps(trunk, tokens, empty_embed.reshape(1, -1), grid).sum(dim=2)
             summed = summed.masked_fill(_min_max(empty) > threshold, 0.0)
-    size, covered = pixel_values.shape[-1], grid * patch  # the patches may leave a strip uncovered
-    heatmaps = F.interpolate(_min_max(summed), size=(covered, covered), mode="bilinear", align_corners=False)
-    heatmaps = F.pad(heatmaps, (0, size - covered, 0, size - covered))
+    covered = (grid[0] * patch, grid[1] * patch)  # the patches may leave a strip uncovered
+    heatmaps = F.interpolate(_min_max(summed), size=covered, mode="bilinear", align_corners=False)
+    heatmaps = F.pad(heatmaps, (0, width - covered[1], 0, height - covered[0]))
     return LeGradOutput(heatmaps.detach(), layer_maps.detach(), image_embeds.detach(), used)

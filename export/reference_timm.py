@@ -95,11 +95,11 @@ def legrad_reference_timm(
     """LeGrad maps for B images × P prompts of an open_clip model with a class-token or mean-pooled
     timm ViT tower; `text_embeds` (P, E) L2-normalised."""
     visual = model.visual
-    size = pixel_values.shape[-1]
+    size = tuple(pixel_values.shape[-2:])  # (H, W)
     trunk = timm_trunk_at(visual.trunk, size)
     chosen = resolve_layers(layers, len(trunk.blocks))
-    grid = trunk.patch_embed.grid_size[0]
-    stride = size // grid
+    grid = tuple(trunk.patch_embed.grid_size)  # (gh, gw)
+    stride = size[0] // grid[0]
     final_norm = trunk.fc_norm if isinstance(trunk.norm, nn.Identity) else trunk.norm
 
     def project(pooled: torch.Tensor) -> torch.Tensor:
@@ -137,10 +137,10 @@ def legrad_reference_timm(
             maps = []
             for p in range(text_embeds.shape[0]):
                 (grad,) = torch.autograd.grad(sim[:, p].sum(), attentions[i], retain_graph=True)
-                relevance = grad.clamp(min=0).mean(dim=(1, 2))[:, prefix:]  # (B, g·g)
-                maps.append(relevance.reshape(-1, grid, grid))
-        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, g, g)
+                relevance = grad.clamp(min=0).mean(dim=(1, 2))[:, prefix:]  # (B, gh·gw)
+                maps.append(relevance.reshape(-1, *grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, gh, gw)
 
-    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, g, g)
+    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, gh, gw)
     upsampled = F.interpolate(layer_maps.sum(2), scale_factor=stride, mode="bilinear", align_corners=False)
     return LeGradOutput(_min_max(upsampled), layer_maps, image_embeds.detach(), chosen)

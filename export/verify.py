@@ -51,7 +51,7 @@ def reference(
 def verify_export(
     folder: Path,
     loaded: LoadedModel,
-    image_size: int,
+    image_size: int | tuple[int, int],
     layers: tuple[int, ...],
     batch: int = 2,
     prompts: int = 3,

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
+from legrad_runtime.metadata import Size, as_size
+
 from .heads import AttnPoolHead, MapHead, TokenMeanHead
 from .ops import LayerNorm, activation, frozen
 from .towers import TowerSpec
@@ -24,14 +26,16 @@ from .towers import TowerSpec
 __all__ = ["BlockTrace", "Block", "ExplicitViT", "Rope", "resample_pos_embed"]
 
 
-def resample_pos_embed(pos: torch.Tensor, grid: int, prefix_tokens: int) -> torch.Tensor:
-    """(R + g·g, D) positional embedding resampled to grid×grid (bicubic, antialiased; prefix kept)."""
+def resample_pos_embed(pos: torch.Tensor, grid: int | Size, prefix_tokens: int) -> torch.Tensor:
+    """(R + g·g, D) positional embedding of a square grid resampled to (gh, gw) (bicubic, antialiased;
+    prefix kept), as timm's `resample_abs_pos_embed`; rows then columns, row-major."""
     old_grid = math.isqrt(pos.shape[0] - prefix_tokens)
-    if grid == old_grid:
+    gh, gw = as_size(grid)
+    if (gh, gw) == (old_grid, old_grid):
         return pos.clone()
     out = resample_abs_pos_embed(
         pos.unsqueeze(0),
-        new_size=[grid, grid],
+        new_size=[gh, gw],
         old_size=[old_grid, old_grid],
         num_prefix_tokens=prefix_tokens,
         interpolation="bicubic",
@@ -46,7 +50,7 @@ class Rope(nn.Module):
 
     def __init__(self, table: torch.Tensor, prefix_tokens: int):
         super().__init__()
-        sin, cos = table.float().chunk(2, dim=-1)  # (g·g, dh) each
+        sin, cos = table.float().chunk(2, dim=-1)  # (gh·gw, dh) each
         self.sin, self.cos, self.prefix = frozen(sin), frozen(cos), prefix_tokens
         dh = sin.shape[-1]
         rot = torch.zeros(dh, dh)  # x @ rot = rot(x)
@@ -169,17 +173,25 @@ class Block(nn.Module):
 
 
 class ExplicitViT(nn.Module):
-    """The image tower at a fixed input size; `pos_embed` is resampled once, at build time."""
+    """The image tower at a fixed input size (height, width; an int is a square); `pos_embed` is
+    resampled once, at build time."""
 
     def __init__(
-        self, spec: TowerSpec, sd: dict[str, torch.Tensor], image_size: int, stem: nn.Module | None = None
+        self,
+        spec: TowerSpec,
+        sd: dict[str, torch.Tensor],
+        image_size: int | Size,
+        stem: nn.Module | None = None,
     ):
         super().__init__()
-        if image_size < spec.patch_size:
+        height, width = image_size = as_size(image_size)
+        if min(image_size) < spec.patch_size:
             raise ValueError(f"image size {image_size} is smaller than the patch size {spec.patch_size}")
         self.cfg = spec
-        self.image_size = image_size
-        self.grid = image_size // spec.patch_size  # the convolution floors, as timm's patch embedding does
+        self.image_size: Size = image_size
+        # the convolution floors, as timm's patch embedding does
+        self.grid: Size = (height // spec.patch_size, width // spec.patch_size)
+        gh, gw = self.grid
         self.stem = None
         if spec.stem == "hybrid":  # a frozen copy of the tower's convolutional stem (towers.stem_module)
             if stem is None:
@@ -188,10 +200,10 @@ class ExplicitViT(nn.Module):
                 )
             self.stem = stem
             with torch.no_grad():
-                tokens = stem(torch.zeros(1, 3, image_size, image_size)).shape[1]
-            if tokens != self.grid * self.grid:
+                tokens = stem(torch.zeros(1, 3, height, width)).shape[1]
+            if tokens != gh * gw:
                 raise ValueError(
-                    f"the stem makes {tokens} tokens of a {image_size} px image, not {self.grid}²: "
+                    f"the stem makes {tokens} tokens of a {width}x{height} px image, not {gh}×{gw}: "
                     f"use a multiple of its stride {spec.patch_size}"
                 )
         else:
@@ -204,10 +216,10 @@ class ExplicitViT(nn.Module):
         self.ln_pre = LayerNorm(sd, "norm_pre.", spec.eps) if "norm_pre.weight" in sd else None
         self.rope = None
         if spec.rope:
-            if sd["rope"].shape[0] != self.grid * self.grid:
+            if sd["rope"].shape[0] != gh * gw:
                 raise ValueError(
-                    f"the state dict's RoPE table has {sd['rope'].shape[0]} rows, not {self.grid}² for "
-                    f"{image_size} px: build it for this size (visual_state_dict(loaded, {image_size}))"
+                    f"the state dict's RoPE table has {sd['rope'].shape[0]} rows, not {gh}×{gw} for "
+                    f"{width}x{height} px: build it for this size (visual_state_dict(loaded, {image_size}))"
                 )
             self.rope = Rope(sd["rope"], spec.prefix_tokens)
         self.blocks = nn.ModuleList(Block(spec, sd, f"blocks.{i}.") for i in range(spec.num_layers))
@@ -220,10 +232,10 @@ class ExplicitViT(nn.Module):
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.stem is not None:
-            x = self.stem(pixel_values)  # (B, g*g, D)
+            x = self.stem(pixel_values)  # (B, gh*gw, D)
         else:
             x = F.conv2d(pixel_values, self.conv_weight, self.conv_bias, stride=self.cfg.patch_size)
-            x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
+            x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B, N, D)
         x = x + self.pos_embed

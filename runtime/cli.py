@@ -175,14 +175,21 @@ def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[object]]) 
         writer.writerows(rows)
 
 
+def _by(size: tuple[int, int]) -> str:
+    """(height, width) → 'W×H', width first as image sizes are written."""
+    height, width = size
+    return f"{width}×{height}"
+
+
 def _summary(m: ModelMetadata) -> str:
     """The metadata for people; every string from the folder printed safely (no escapes, one line)."""
     pre, q = m.preprocess, printable
     t = m.tower or default_tower(m.grid_size)  # never None: ModelMetadata fills it in
     lines = [
         f"model        {q(m.model_name)}  (pretrained: {q(m.pretrained)})",
-        f"input        {m.image_size}×{m.image_size} px, patch {m.patch_size}, "
-        f"grid {m.grid_size}×{m.grid_size}, resize {pre.resize_mode}/{pre.interpolation}",
+        f"input        {_by(m.image_size)} px, patch {m.patch_size}, grid {_by(m.grid_size)}"
+        + ("" if m.image_size[0] == m.image_size[1] else " (width×height)")
+        + f", resize {pre.resize_mode}/{pre.interpolation}",
         f"layers       {', '.join(map(str, m.layers))} of {m.num_layers}  (width {m.width}, {m.heads} heads, "
         f"{m.activation})",
         f"tower        {q(t.family)}, head {q(t.head)}, "

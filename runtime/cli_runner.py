@@ -5,6 +5,7 @@
     2    bad input: arguments, model folder, images, output folder; nothing useful was written
     3    internal error: a bug or an environment failure; one line, the traceback with LEGRAD_DEBUG=1
     130  interrupted (Ctrl-C)
+    141  the reader of stdout went away (`legrad info ... | head`): silent, as a shell pipe expects
     143  terminated (SIGTERM); temporary files are removed as for Ctrl-C
 
 `run_main` installs a SIGTERM handler that unwinds like Ctrl-C, so `finally` blocks and
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
-EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
 DEBUG_ENV = "LEGRAD_DEBUG"
 
 
@@ -86,6 +88,10 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
     except LegradError as exc:
         say(prog, "error", exc)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # stdout's reader closed early: nothing to report, and nothing more to print
+        with contextlib.suppress(OSError):  # Python's own flush at exit would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         say(prog, "interrupted", "stopped by Ctrl-C; temporary files were removed")
         return EXIT_INTERRUPTED

@@ -37,6 +37,11 @@ __all__ = [
     "CorrectionCfg",
     "TOWER_FAMILIES",
     "TOWER_HEADS",
+    "RESIZE_MODES",
+    "Size",
+    "as_size",
+    "format_size",
+    "parse_size",
     "default_tower",
     "FileEntry",
     "Vocabulary",
@@ -49,11 +54,12 @@ __all__ = [
     "verify_files",
 ]
 
-SCHEMA_VERSION = 3  # v3: tokenizer.hf, tower, correction, logit_bias; v2: vocabulary; v1 and v2 still read
+SCHEMA_VERSION = 4  # v4: [height, width] sizes, resize_mode 'longest'; v3: tokenizer.hf, tower, correction,
+#   logit_bias; v2: vocabulary; v1 to v3 (square sizes as integers) still read
 METADATA_FILE = "legrad.json"
 ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, minus `files` and `extra`
 
-RESIZE_MODES = ("shortest", "squash")
+RESIZE_MODES = ("shortest", "squash", "longest")  # longest (v4): aspect kept, padded with black
 INTERPOLATIONS = ("bicubic", "bilinear")
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")  # open_clip's text cleaning, by name
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")  # gelu_tanh: the tanh approximation (SigLIP's MLP)
@@ -71,6 +77,38 @@ MAX_CONTEXT_LENGTH = 4096
 MAX_FILES = 64
 MAX_VOCABULARY_SLOTS = 8
 MAX_VOCABULARY_PROMPTS = 4096  # prompts `--vocabulary` may form: each is a heatmap per image
+
+
+Size = tuple[int, int]  # (height, width) in pixels or grid cells, as open_clip and torch order them
+
+
+def as_size(size: int | Sequence[int]) -> Size:
+    """An int (a square) or (height, width) → (height, width); ValueError for anything else."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    if (
+        isinstance(size, Sequence)
+        and not isinstance(size, str)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        return (size[0], size[1])
+    raise ValueError(f"a size is an integer or (height, width), not {size!r}")
+
+
+def format_size(size: Size) -> str:
+    """(height, width) → '448' for a square, '448x336' (width x height, as image sizes are written)."""
+    height, width = size
+    return str(width) if height == width else f"{width}x{height}"
+
+
+def parse_size(text: str) -> Size:
+    """'448' (a square) or 'WIDTHxHEIGHT' ('448x336': 448 wide, 336 high) → (height, width)."""
+    parts = text.strip().lower().replace("×", "x").split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        width, height = int(parts[0]), int(parts[-1])
+        return (height, width)
+    raise ValueError(f"image size {text!r} must be a positive integer (448) or WIDTHxHEIGHT (448x336)")
 
 
 # ---------------------------------------------------------------- the graphs' IO contract
@@ -109,12 +147,12 @@ IMAGE_GRAPH = GraphSpec(
     role="image_graph",
     filename="legrad_image.onnx",
     inputs=(
-        TensorSpec("pixel_values", "float32", ("batch", 3, "size", "size")),
+        TensorSpec("pixel_values", "float32", ("batch", 3, "height", "width")),
         TensorSpec("text_embeds", "float32", ("prompts", "embed_dim")),
     ),
     outputs=(
-        TensorSpec("heatmaps", "float32", ("batch", "prompts", "size", "size"), atol=1e-4),
-        TensorSpec("layer_maps", "float32", ("batch", "prompts", "layers", "grid", "grid"), atol=1e-4),
+        TensorSpec("heatmaps", "float32", ("batch", "prompts", "height", "width"), atol=1e-4),
+        TensorSpec("layer_maps", "float32", ("batch", "prompts", "layers", "grid_h", "grid_w"), atol=1e-4),
         TensorSpec("image_embeds", "float32", ("batch", "embed_dim"), atol=1e-4),
     ),
     dynamic_axes=("batch", "prompts"),
@@ -134,15 +172,24 @@ TEXT_GRAPH = GraphSpec(
 
 @dataclass(frozen=True)
 class PreprocessCfg:
-    """How images become `pixel_values`; field names follow open_clip's PreprocessCfg."""
+    """How images become `pixel_values`; field names follow open_clip's PreprocessCfg.
 
-    size: int
+    `size` is (height, width), as open_clip's; an int means a square and is stored as (s, s).
+    resize_mode 'squash': resized to size, aspect not kept (LeGrad's demos); 'shortest': open_clip's
+    resize of the shorter side, then a centre crop; 'longest' (v4, open_clip's name): scaled to fit
+    inside size with its aspect kept, centred, the rest padded with black (open_clip's fill_color 0).
+    """
+
+    size: Size
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize_mode: str = "squash"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "size", as_size(self.size))
+        if min(self.size) < 1:
+            raise ValueError(f"preprocess size must be positive, not {self.size!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unsupported resize_mode {self.resize_mode!r}; expected one of {RESIZE_MODES}")
         if self.interpolation not in INTERPOLATIONS:
@@ -183,7 +230,7 @@ class TowerCfg:
     head 'token_mean': CLIP's pooling, LeGrad explains each block's self-attention. head 'map': a
     MAP attention-pool head (SigLIP), LeGrad explains the head's attention (one query over the
     tokens). head 'attn_pool': CoCa's attentional pooler, its first latent's attention explained.
-    `prefix_tokens`: 1 with a class token, 0 without. `grid`: (gh, gw) patches, square only.
+    `prefix_tokens`: 1 with a class token, 0 without. `grid`: (gh, gw) patches, rows then columns.
     """
 
     family: str
@@ -322,9 +369,9 @@ class ModelMetadata:
     exporter_version: str
     torch_version: str
     opset: int
-    image_size: int
+    image_size: Size  # (height, width) of pixel_values; JSON: an integer (v1-v3, square) or [h, w] (v4)
     patch_size: int
-    grid_size: int
+    grid_size: Size  # (gh, gw) = image_size // patch_size per side (the patch embedding floors)
     num_layers: int  # blocks in the image tower
     layers: tuple[int, ...]  # blocks whose maps are summed (0-based)
     width: int
@@ -343,6 +390,8 @@ class ModelMetadata:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", as_size(self.image_size))
+        object.__setattr__(self, "grid_size", as_size(self.grid_size))
         if self.tower is None:  # from before v3's `tower`: an OpenCLIP ViT, class token, CLIP pooling
             object.__setattr__(self, "tower", default_tower(self.grid_size))
 
@@ -383,12 +432,12 @@ class ModelMetadata:
             raise ModelFolderError(f"{source}: {exc}; re-export the model") from None
 
 
-def default_tower(grid_size: int) -> TowerCfg:
+def default_tower(grid_size: int | Size) -> TowerCfg:
     """The tower of a folder that does not name one: an OpenCLIP ViT with a class token."""
-    return TowerCfg("openclip_vit", "token_mean", 1, (grid_size, grid_size))
+    return TowerCfg("openclip_vit", "token_mean", 1, as_size(grid_size))
 
 
-def _parse_tower(data: Any, grid_size: int) -> TowerCfg:
+def _parse_tower(data: Any, grid_size: Size) -> TowerCfg:
     if data is None:
         return default_tower(grid_size)
     t = Fields(data, "tower", [x.name for x in fields(TowerCfg)])
@@ -398,12 +447,8 @@ def _parse_tower(data: Any, grid_size: int) -> TowerCfg:
     grid = t.ints("grid", 1, MAX_IMAGE_SIZE, 2)
     if len(grid) != 2:
         raise FieldError("tower.grid", f"must be a list of 2 integers [gh, gw], got {show(list(grid))}")
-    if grid != (grid_size, grid_size):
-        raise FieldError(
-            "tower.grid",
-            f"must equal [grid_size, grid_size] = [{grid_size}, {grid_size}] (the runtime explains "
-            f"square grids only), got {show(list(grid))}",
-        )
+    if grid != grid_size:
+        raise FieldError("tower.grid", f"must equal grid_size {list(grid_size)}, got {show(list(grid))}")
     return TowerCfg(family, head, prefix, (grid[0], grid[1]))
 
 
@@ -456,12 +501,14 @@ def _parse_tokenizer(tok: Fields) -> TokenizerCfg:
 
 def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
     f = Fields(data, "", [x.name for x in fields(ModelMetadata)])
-    image_size = f.int("image_size", 1, MAX_IMAGE_SIZE)
-    patch_size = f.int("patch_size", 1, image_size)
-    grid_size = f.int("grid_size", 1, image_size)
-    if grid_size != image_size // patch_size:  # the patch embedding floors (SO400M-14 at 384: 27)
-        raise FieldError(
-            "grid_size", f"must be image_size // patch_size ({image_size} // {patch_size} ≠ {grid_size})"
+    image_size = f.size("image_size", 1, MAX_IMAGE_SIZE)
+    patch_size = f.int("patch_size", 1, min(image_size))
+    grid_size = f.size("grid_size", 1, MAX_IMAGE_SIZE)
+    if grid_size != (image_size[0] // patch_size, image_size[1] // patch_size):  # the patch embedding
+        raise FieldError(  # floors (SO400M-14 at 384: 27)
+            "grid_size",
+            f"must be image_size // patch_size per side "
+            f"({list(image_size)} // {patch_size} ≠ {list(grid_size)})",
         )
     num_layers = f.int("num_layers", 1, 1000)
     layers = f.ints("layers", 0, num_layers - 1, num_layers)
@@ -473,9 +520,9 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
         raise FieldError("heads", f"must divide width ({width} % {heads} ≠ 0)")
 
     pre = Fields(f.raw("preprocess"), "preprocess", [x.name for x in fields(PreprocessCfg)])
-    size = pre.int("size", 1, MAX_IMAGE_SIZE)
+    size = pre.size("size", 1, MAX_IMAGE_SIZE)
     if size != image_size:
-        raise FieldError("preprocess.size", f"must equal image_size {image_size}, got {size}")
+        raise FieldError("preprocess.size", f"must equal image_size {list(image_size)}, got {list(size)}")
     preprocess = PreprocessCfg(
         size,
         pre.numbers("mean", 3),  # type: ignore[arg-type]

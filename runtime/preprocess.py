@@ -1,10 +1,21 @@
 """Images → `pixel_values`, equal to open_clip's inference transform, and heatmaps back onto the image.
 
-open_clip (3.x) runs, on a PIL image in whatever mode it has: torchvision `Resize` (squash: to S×S;
-shortest: shorter side to S) → `CenterCrop(S)` (shortest only) → `convert('RGB')` → `ToTensor` →
-`Normalize`. `preprocess` does the same steps with PIL and numpy, in the same order, so it matches to
-float32 rounding. The order matters: RGBA and LA are resized with premultiplied alpha, palette and
-1-bit images with nearest neighbour (PIL's rules), and only then is the alpha dropped.
+open_clip (3.x) runs, on a PIL image in whatever mode it has, for a size (H, W):
+
+- squash: torchvision `Resize((H, W))`;
+- shortest, square: `Resize(S)` (shorter side to S) → `CenterCrop(S)`;
+- shortest, not square: `ResizeKeepRatio((H, W))` (scaled by the smaller ratio, so the image covers
+  the box) → `CenterCrop((H, W))`;
+- longest: `ResizeKeepRatio((H, W), longest=1)` (scaled to fit inside) → `CenterCropOrPad((H, W))`,
+  which pads with 0 in the image's own mode (black for RGB, RGBA, L, LA, 1);
+
+then `convert('RGB')` → `ToTensor` → `Normalize`. `preprocess` does the same steps with PIL and
+numpy, in the same order, so it matches to float32 rounding. The order matters: RGBA and LA are
+resized with premultiplied alpha, palette and 1-bit images with nearest neighbour (PIL's rules), and
+only then is the alpha dropped. Two deviations: for 'shortest' at a non-square size open_clip's
+`ResizeKeepRatio` always resamples bicubic, whatever the configured interpolation; here the
+configured one is used (they agree for bicubic, open_clip's default). And a side `ResizeKeepRatio`
+would round to 0 px (a 1 × 400 strip) is kept at 1 px instead of failing.
 
 `load_image` therefore keeps the modes open_clip handles itself and converts only those it would
 mangle; see its docstring for the two deliberate deviations (EXIF orientation, 16-bit images).
@@ -46,10 +57,12 @@ _ARRAY_SHAPES = "(H, W), (H, W, 3) or (H, W, 4)"
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model's S×S input lies on the original image.
+    """Where the model's (H, W) input lies on the original image.
 
-    `box` is (left, top, right, bottom) in original pixel coordinates (edges, not centres): the
-    whole image for 'squash', the centre crop mapped back for 'shortest'.
+    `box` is (left, top, right, bottom) of the model input's full extent in original pixel
+    coordinates (edges, not centres): the whole image for 'squash', the centre crop mapped back for
+    'shortest'. For 'longest' it reaches beyond the image (negative, or past width or height) on the
+    padded sides.
     """
 
     width: int
@@ -219,43 +232,62 @@ def _normalise_mode(img: Image.Image, name: str) -> Image.Image:
 
 
 def _resize_and_crop(img: Image.Image, cfg: PreprocessCfg) -> tuple[Image.Image, Placement]:
-    """torchvision Resize (+ CenterCrop for 'shortest') on a PIL image, step for step."""
-    w, h, s = img.width, img.height, cfg.size
-    if cfg.resize_mode == "squash":
-        new_w, new_h = s, s
-    else:  # torchvision's _compute_resized_output_size for an int size
+    """open_clip's inference resize (+ centre crop or pad) on a PIL image, step for step."""
+    w, h = img.size
+    out_h, out_w = cfg.size
+    if cfg.resize_mode == "squash":  # torchvision Resize((h, w))
+        new_w, new_h = out_w, out_h
+    elif cfg.resize_mode == "shortest" and out_h == out_w:  # torchvision Resize(int): int() truncates
         short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = s, int(s * long / short)
+        new_short, new_long = out_h, int(out_h * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    else:  # open_clip's ResizeKeepRatio: shortest (non-square) fills the box, longest fits inside it
+        ratios = (h / out_h, w / out_w)
+        ratio = max(ratios) if cfg.resize_mode == "longest" else min(ratios)
+        new_h, new_w = (max(1, round(v / ratio)) for v in (h, w))  # round() as theirs; ≥ 1 px (see above)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _FILTERS[cfg.interpolation])
-    top = int(round((new_h - s) / 2.0))  # torchvision CenterCrop's offsets; 0 for squash
-    left = int(round((new_w - s) / 2.0))
-    if (new_w, new_h) != (s, s):
-        img = img.crop((left, top, left + s, top + s))
-    sx, sy = w / new_w, h / new_h
-    return img, Placement(w, h, (left * sx, top * sy, (left + s) * sx, (top + s) * sy))
+    pad_left, pad_top = max(0, (out_w - new_w) // 2), max(0, (out_h - new_h) // 2)
+    if new_w < out_w or new_h < out_h:  # torchvision's pad, as CenterCrop and CenterCropOrPad do it
+        img = _pad(img, (pad_left, pad_top, max(0, out_w - new_w + 1) // 2, max(0, out_h - new_h + 1) // 2))
+    left = int(round((img.width - out_w) / 2.0))  # torchvision CenterCrop's offsets; 0 when padded
+    top = int(round((img.height - out_h) / 2.0))
+    if img.size != (out_w, out_h):
+        img = img.crop((left, top, left + out_w, top + out_h))
+    x0, y0 = left - pad_left, top - pad_top  # the model input's corner on the resized image
+    box = (x0 * w / new_w, y0 * h / new_h, (x0 + out_w) * w / new_w, (y0 + out_h) * h / new_h)
+    return img, Placement(w, h, box)
+
+
+def _pad(img: Image.Image, border: tuple[int, int, int, int]) -> Image.Image:
+    """torchvision's F.pad on a PIL image with fill 0: zeros in the image's own mode (palette index 0
+    for 'P', white for CMYK), the palette kept. open_clip pads before converting to RGB."""
+    fill = 0 if len(img.getbands()) == 1 else (0,) * len(img.getbands())
+    padded = ImageOps.expand(img, border=border, fill=fill)
+    if img.mode == "P":
+        padded.putpalette(img.getpalette())
+    return padded
 
 
 def model_view(image: Image.Image, cfg: PreprocessCfg) -> Image.Image:
-    """The S×S picture the model sees: `image` resized (and centre-cropped) as `preprocess` does."""
+    """The (H, W) picture the model sees: `image` resized, centre-cropped or padded as `preprocess` does."""
     return _resize_and_crop(image, cfg)[0]
 
 
 def preprocess(image: Image.Image, cfg: PreprocessCfg) -> tuple[np.ndarray, Placement]:
-    """One image → float32 (3, S, S) `pixel_values`, as open_clip's inference transform gives."""
+    """One image → float32 (3, H, W) `pixel_values`, as open_clip's inference transform gives."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess takes a PIL image (see load_image), got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ImageInputError(f"image is empty ({image.width}x{image.height} pixels)")
     img, placement = _resize_and_crop(image, cfg)
     x = np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (S, S, 3)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)), placement  # (3, S, S)
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (H, W, 3)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)), placement  # (3, H, W)
 
 
 def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessCfg) -> tuple[np.ndarray, list[Placement]]:
-    """Several images → float32 (B, 3, S, S) and one Placement each."""
+    """Several images → float32 (B, 3, H, W) and one Placement each."""
     if len(images) == 0:
         raise InputError("preprocess_batch got no images; pass at least one")
     results = [preprocess(image, cfg) for image in images]
@@ -263,20 +295,48 @@ def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessCfg) -> tuple
 
 
 def to_original(heatmap: np.ndarray, placement: Placement) -> np.ndarray:
-    """An (S, S) map on the model input → float32 (height, width) on the original image.
+    """A 2-D map over the model input (any resolution: (H, W) heatmaps, (gh, gw) layer maps) →
+    float32 (height, width) on the original image.
 
-    Bilinear resize onto the crop box; outside it (the part 'shortest' cropped away) the map is 0.
+    The map spans `placement.box`. Where the box lies inside the image (squash; shortest's crop), the
+    map is resized bilinearly onto the box rounded to whole pixels, and the image outside it (what
+    'shortest' cropped away) is 0. Where the box reaches beyond the image ('longest' padding), the
+    map's part over the padding is dropped first (whole cells; a cell the image's edge cuts is kept)
+    so that no padding value bleeds in, and the rest is resized onto the image.
     """
     heatmap = np.ascontiguousarray(heatmap, dtype=np.float32)
-    if heatmap.ndim != 2 or heatmap.shape[0] != heatmap.shape[1]:
-        raise InputError(f"to_original takes an (S, S) map, got shape {heatmap.shape}")
+    if heatmap.ndim != 2 or heatmap.size == 0:
+        raise InputError(f"to_original takes a non-empty 2-D (H, W) map, got shape {heatmap.shape}")
     left, top, right, bottom = placement.box
-    x0, x1 = (min(max(_round_half_up(v), 0), placement.width) for v in (left, right))
-    y0, y1 = (min(max(_round_half_up(v), 0), placement.height) for v in (top, bottom))
-    resized = Image.fromarray(heatmap, mode="F").resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+    x0, x1, u0, u1 = _span(left, right, placement.width, heatmap.shape[1])
+    y0, y1, v0, v1 = _span(top, bottom, placement.height, heatmap.shape[0])
     canvas = np.zeros((placement.height, placement.width), np.float32)
-    canvas[y0:y1, x0:x1] = np.asarray(resized, dtype=np.float32)
+    if x1 > x0 and y1 > y0 and u1 > u0 and v1 > v0:
+        cols, rows = (math.floor(u0), math.ceil(u1)), (math.floor(v0), math.ceil(v1))  # cells kept
+        kept = Image.fromarray(np.ascontiguousarray(heatmap[slice(*rows), slice(*cols)]), mode="F")
+        box = (u0 - cols[0], v0 - rows[0], u1 - cols[0], v1 - rows[0])  # on the kept cells
+        canvas[y0:y1, x0:x1] = np.asarray(kept.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=box))
     return canvas
+
+
+def _span(lo: float, hi: float, extent: int, cells: int) -> tuple[int, int, float, float]:
+    """Along one axis: the image pixels [p0, p1) the map covers, and the map's part [c0, c1) over them.
+
+    An edge inside the image is rounded to a pixel and takes the map's own edge; an edge beyond the
+    image (padding) becomes the image's edge and cuts the map where the image ends (snapped to a cell
+    edge within 1e-6 cell, so that float error neither keeps a padding cell nor drops an image one).
+    """
+    scale = cells / (hi - lo)  # map cells per original pixel
+    p0, c0 = (0, _snap(-lo * scale)) if lo < 0 else (min(_round_half_up(lo), extent), 0.0)
+    if hi > extent:
+        p1, c1 = extent, _snap((extent - lo) * scale)
+    else:
+        p1, c1 = max(min(_round_half_up(hi), extent), 0), float(cells)
+    return p0, p1, min(max(c0, 0.0), float(cells)), min(max(c1, 0.0), float(cells))
+
+
+def _snap(v: float) -> float:
+    return float(round(v)) if abs(v - round(v)) < 1e-6 else v
 
 
 def _round_half_up(v: float) -> int:

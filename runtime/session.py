@@ -2,7 +2,7 @@
 
     model = load("models/ViT-B-16__laion2b_s34b_b88k__448", device="auto")
     result = model.explain(["cat.jpg", "street.png"], ["a photo of a cat", "a remote control"])
-    result.heatmaps        # float32 [B, P, S, S] in [0, 1]
+    result.heatmaps        # float32 [B, P, H, W] in [0, 1]
     result.overlay(0, 1)   # PIL image: heatmap over the original image, at its own size
 
 Work is split into calls that fit a memory budget (images per call × prompts per call), so any
@@ -34,6 +34,7 @@ from .metadata import (
     ModelMetadata,
     PreprocessCfg,
     default_tower,
+    format_size,
 )
 from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
 from .tokenizer import load_tokenizer
@@ -63,8 +64,8 @@ class ImageFailure:
 class Explanation:
     """LeGrad results for B images × P prompts. Row b is the b-th image that could be read."""
 
-    heatmaps: np.ndarray  # (B, P, S, S) float32 in [0, 1], on the model's input square
-    layer_maps: np.ndarray  # (B, P, L, g, g) raw per-layer maps
+    heatmaps: np.ndarray  # (B, P, H, W) float32 in [0, 1], on the model's input (image_size)
+    layer_maps: np.ndarray  # (B, P, L, gh, gw) raw per-layer maps (grid_size)
     image_embeds: np.ndarray  # (B, E) L2-normalised
     text_embeds: np.ndarray  # (P, E) L2-normalised
     images: list[Image.Image]  # the originals, RGB, EXIF orientation applied
@@ -100,7 +101,8 @@ class Explanation:
         return np.where(logits >= 0, 1 / (1 + e), e / (1 + e))
 
     def heatmap_on_original(self, b: int, p: int) -> np.ndarray:
-        """Heatmap of image b / prompt p mapped back onto the original image (H, W), crop undone."""
+        """Heatmap of image b / prompt p mapped back onto the original image (its height, width):
+        the resize undone, 0 where 'shortest' cropped, the padding of 'longest' dropped."""
         return to_original(self.heatmaps[b, p], self.placements[b])
 
     def overlay(self, b: int, p: int, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
@@ -109,9 +111,10 @@ class Explanation:
 
     def layer_figure(self, b: int, p: int, cmap: str = "jet") -> Image.Image:
         """One panel per explained layer (the paper's layer-importance figure), on the model input:
-        the picture the model saw (centre-cropped for 'shortest'), under maps of that same square."""
-        square = model_view(self.images[b], self.preprocess)
-        return layer_figure(square, self.layer_maps[b, p], self.layers, self.prompts[p], cmap=cmap)
+        the picture the model saw (centre-cropped for 'shortest', padded for 'longest'), under maps of
+        that same extent."""
+        seen = model_view(self.images[b], self.preprocess)
+        return layer_figure(seen, self.layer_maps[b, p], self.layers, self.prompts[p], cmap=cmap)
 
     def grid(self, cmap: str = "jet", cell: int = 224) -> Image.Image:
         """Images × prompts overlays with the prompts as headers and cosine scores as captions."""
@@ -163,12 +166,15 @@ _ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 
 def _check_graph(session: ort.InferenceSession, spec: GraphSpec, meta: ModelMetadata) -> None:
     """The graph's own input and output shapes agree with the metadata (ModelFolderError if not)."""
-    sizes = {  # symbolic axis → (metadata field, value)
-        "size": ("image_size", meta.image_size),
-        "embed_dim": ("embed_dim", meta.embed_dim),
-        "layers": ("layers", len(meta.layers)),
-        "grid": ("grid_size", meta.grid_size),
-        "context_length": ("tokenizer.context_length", meta.tokenizer.context_length),
+    image_size, grid_size = list(meta.image_size), list(meta.grid_size)  # [height, width], [gh, gw]
+    sizes = {  # symbolic axis → (metadata field, its value as written, this axis's length)
+        "height": ("image_size", image_size, image_size[0]),
+        "width": ("image_size", image_size, image_size[1]),
+        "embed_dim": ("embed_dim", meta.embed_dim, meta.embed_dim),
+        "layers": ("layers", len(meta.layers), len(meta.layers)),
+        "grid_h": ("grid_size", grid_size, grid_size[0]),
+        "grid_w": ("grid_size", grid_size, grid_size[1]),
+        "context_length": ("tokenizer.context_length",) + (meta.tokenizer.context_length,) * 2,
     }
     found = {t.name: t for t in session.get_inputs()} | {t.name: t for t in session.get_outputs()}
     for want in spec.inputs + spec.outputs:
@@ -185,8 +191,8 @@ def _check_graph(session: ort.InferenceSession, spec: GraphSpec, meta: ModelMeta
                     f"{spec.filename} tensor {want.name!r} has shape {have.shape}, not {list(want.shape)}; "
                     "re-export the model"
                 )
-            if isinstance(axis, str) and axis in sizes and dim != sizes[axis][1]:
-                name, value = sizes[axis]
+            if isinstance(axis, str) and axis in sizes and dim != sizes[axis][2]:
+                name, value, _ = sizes[axis]
                 raise ModelFolderError(
                     f"{METADATA_FILE} field {name!r} = {value} disagrees with {spec.filename}, whose "
                     f"{want.name!r} has shape {have.shape}; re-export the model"
@@ -247,7 +253,7 @@ class LeGradModel:
     def __repr__(self) -> str:
         m = self.metadata
         return (
-            f"LeGradModel({m.model_name!r}, pretrained={m.pretrained!r}, size={m.image_size}, "
+            f"LeGradModel({m.model_name!r}, pretrained={m.pretrained!r}, size={format_size(m.image_size)}, "
             f"device={self.device!r})"
         )
 
@@ -289,13 +295,14 @@ class LeGradModel:
     def chunk_sizes(self, num_prompts: int, batch_size: int | None, memory_budget: int) -> tuple[int, int]:
         """(images per call, prompts per call) whose graph intermediates fit the memory budget.
 
-        Counted in float32 with every explained layer alive; N = grid² + prefix tokens. Per image:
-        the forward (attention and token stream), the per-layer traces the backward keeps (three
-        token × MLP-width tensors and four token × width ones), and one prompt's backward per layer
-        (the attention gradient, heads × N², twice for its ReLU, and the MLP's token × MLP-width
-        gradient). Per (image, prompt): the heatmap outputs and their normalisation temporaries.
-        Graphs without the prompt loop (older exports) hold every prompt's backward at once: per
-        (image, prompt) it is the attention gradient and a few token × width tensors per layer.
+        Counted in float32 with every explained layer alive; N = gh·gw + prefix tokens, and a
+        heatmap has H·W pixels. Per image: the forward (attention and token stream), the per-layer
+        traces the backward keeps (three token × MLP-width tensors and four token × width ones), and
+        one prompt's backward per layer (the attention gradient, heads × N², twice for its ReLU, and
+        the MLP's token × MLP-width gradient). Per (image, prompt): the heatmap outputs and their
+        normalisation temporaries. Graphs without the prompt loop (older exports) hold every
+        prompt's backward at once: per (image, prompt) it is the attention gradient and a few
+        token × width tensors per layer.
 
         MAP-head towers (SigLIP) explain the head's attention, one query over the N tokens: the
         forward is the same, but each explained layer's trace is the head's keys and values (a few
@@ -305,7 +312,8 @@ class LeGradModel:
         """
         m = self.metadata
         tower = m.tower or default_tower(m.grid_size)  # never None: ModelMetadata fills it in
-        n, d, layers, s2 = m.grid_size**2 + tower.prefix_tokens, m.width, len(m.layers), m.image_size**2
+        (gh, gw), (ih, iw) = m.grid_size, m.image_size
+        n, d, layers, s2 = gh * gw + tower.prefix_tokens, m.width, len(m.layers), ih * iw
         hn2 = m.heads * n * n
         if tower.head in ("map", "attn_pool"):  # CoCa's pooler: the same shape, cheaper
             hn = m.heads * n
@@ -406,8 +414,8 @@ class LeGradModel:
                     "its weights are broken: re-export the model"
                 )
         else:  # every image of this batch failed: zero rows, same shapes
-            heat = np.zeros((0, len(names), m.image_size, m.image_size), np.float32)
-            layer_maps = np.zeros((0, len(names), len(m.layers), m.grid_size, m.grid_size), np.float32)
+            heat = np.zeros((0, len(names), *m.image_size), np.float32)
+            layer_maps = np.zeros((0, len(names), len(m.layers), *m.grid_size), np.float32)
             embeds = np.zeros((0, m.embed_dim), np.float32)
         return Explanation(
             heatmaps=heat,

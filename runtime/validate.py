@@ -67,6 +67,20 @@ class Fields:
             raise FieldError(self.name(key), f"must be an integer in [{lo}, {hi}], got {show(value)}")
         return value
 
+    def size(self, key: str, lo: int, hi: int) -> tuple[int, int]:
+        """An integer (a square) or a list [height, width] of two, each in [lo, hi]: (height, width)."""
+        value = self.raw(key)
+        if _is_int(value):
+            value = [value, value]
+        if not (
+            isinstance(value, list) and len(value) == 2 and all(_is_int(v) and lo <= v <= hi for v in value)
+        ):
+            raise FieldError(
+                self.name(key),
+                f"must be an integer or [height, width], each in [{lo}, {hi}], got {show(value)}",
+            )
+        return (value[0], value[1])
+
     def bool(self, key: str) -> bool:
         value = self.raw(key)
         if not isinstance(value, bool):

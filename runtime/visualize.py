@@ -165,8 +165,9 @@ def layer_figure(
 ) -> Image.Image:
     """The LeGrad paper's per-layer figure: image | one overlay per layer | the sum, titled by `prompt`.
 
-    `layer_maps` (L, g, g) are raw per-layer maps, each min-max normalised on its own; the image is
-    scaled to fit `panel` px and the maps upsampled bilinearly to it. More than 6 panels wrap to rows.
+    `layer_maps` (L, gh, gw) are raw per-layer maps over `image`'s extent, each min-max normalised on
+    its own; the image (any aspect) is scaled to fit a `panel` px square and the maps are upsampled
+    bilinearly to it. More than 6 panels wrap to rows.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")

@@ -1,6 +1,7 @@
 """Shared fixtures, torch-free: the runtime tests run in a venv without torch too.
 
-`model_folders` are exported tiny models, one per resize mode, one ("hf") whose tokenizer is a
+`model_folders` are exported tiny models, one per resize mode ("longest" is non-square: 80x48 px,
+a 3×5 grid), one ("hf") whose tokenizer is a
 Hugging Face one, a tiny SigLIP ("siglip": MAP head, no class token, sigmoid scores) and
 a tiny PE-Core ("pe_core": MAP head after a class token and RoPE, softmax scores) and a tiny
 ViTamin ("vitamin": a conv stem, no class token, token mean, GeGLU MLPs) and a tiny CoCa ("coca": an
@@ -30,7 +31,17 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
         root = Path(env)
         return {
             mode: next((root / mode).iterdir())
-            for mode in ("squash", "shortest", "hf", "siglip", "pe_core", "vitamin", "eva02", "coca")
+            for mode in (
+                "squash",
+                "shortest",
+                "longest",
+                "hf",
+                "siglip",
+                "pe_core",
+                "vitamin",
+                "eva02",
+                "coca",
+            )
         }
     pytest.importorskip("torch", reason="set LEGRAD_TEST_MODEL_DIR or install the export extra")
     from tiny_models import export_runtime_folders

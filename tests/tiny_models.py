@@ -517,10 +517,10 @@ def encode_at(model, pixels: torch.Tensor) -> torch.Tensor:
     another size than its own, of a deep copy resized by timm's `set_input_size`."""
     import copy
 
-    size = pixels.shape[-1]
-    if (size, size) != tuple(model.visual.trunk.patch_embed.img_size):
+    size = tuple(pixels.shape[-2:])  # (height, width)
+    if size != tuple(model.visual.trunk.patch_embed.img_size):
         model = copy.deepcopy(model)
-        model.visual.trunk.set_input_size(img_size=(size, size))
+        model.visual.trunk.set_input_size(img_size=size)
     with torch.no_grad():
         return torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
 
@@ -543,9 +543,10 @@ def assert_each_pair_equals_single(session, pixels: torch.Tensor, text: torch.Te
             np.testing.assert_allclose(embeds[b], one[2][0], atol=1e-6)
 
 
-def random_inputs(batch: int, prompts: int, size: int, embed_dim: int, seed: int = 0):
+def random_inputs(batch: int, prompts: int, size: int | tuple[int, int], embed_dim: int, seed: int = 0):
+    """Seeded standardised pixels (B, 3, H, W) (an int size is a square) and unit text embeddings."""
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 3, size, size, generator=gen)
+    pixels = torch.randn(batch, 3, *((size, size) if isinstance(size, int) else size), generator=gen)
     text = torch.nn.functional.normalize(torch.randn(prompts, embed_dim, generator=gen), dim=-1)
     return pixels, text
 
@@ -596,8 +597,12 @@ def export_with_cli(source: Path, out: Path) -> Path:
     return folder
 
 
+NON_SQUARE_SIZE = (48, 80)  # (height, width) of the runtime's non-square folder: `--image-size 80x48`
+
+
 def export_runtime_folders(out: Path) -> dict[str, Path]:
-    """One exported folder per resize mode, for the runtime tests: {'squash': ..., 'shortest': ...}."""
+    """One exported folder per resize mode, for the runtime tests: {'squash': ..., 'shortest': ...,
+    'longest': ...}; 'longest' is non-square (NON_SQUARE_SIZE), the others the model's own square."""
     from legrad_export.load import load_openclip
     from legrad_export.onnx_export import ExportSettings, export_model
 
@@ -608,6 +613,9 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
     for mode in ("squash", "shortest"):
         folder = export_model(loaded, out / mode, ExportSettings(resize_mode=mode, overwrite=True))
         folders[mode] = folder
+    folders["longest"] = export_model(
+        loaded, out / "longest", ExportSettings(NON_SQUARE_SIZE, resize_mode="longest", overwrite=True)
+    )
     hf_source = save_tiny_hf_text_model(out / "source", "unigram")
     folders["hf"] = export_model(load_openclip(str(hf_source)), out / "hf", ExportSettings(overwrite=True))
     siglip_source = save_tiny_siglip_model(out / "source", "siglip")

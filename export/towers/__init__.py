@@ -48,16 +48,19 @@ def describe_tower(model: nn.Module, model_name: str = "model") -> TowerSpec:
 
 
 def canonical_state_dict(
-    model: nn.Module, spec: TowerSpec, grid: int | None = None
+    model: nn.Module, spec: TowerSpec, grid: int | tuple[int, int] | None = None
 ) -> dict[str, torch.Tensor]:
     """The image tower's tensors (views; the explicit model copies what it keeps), canonical names.
 
-    `grid` (default: the native one) only matters to towers whose tensors depend on it: a RoPE table.
+    `grid` ((gh, gw), an int is a square; default: the native one) only matters to towers whose
+    tensors depend on it: a RoPE table.
     """
+    grid = spec.native_grid if grid is None else grid
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
     if spec.family == "timm_eva" and spec.head == "token_mean":  # EVA-CLIP
-        return timm_eva_clip.canonical_state_dict(model.visual, spec.native_grid if grid is None else grid)
+        return timm_eva_clip.canonical_state_dict(model.visual, grid)
     if spec.family == "timm_eva":
-        return timm_eva.canonical_state_dict(model.visual, spec.native_grid if grid is None else grid)
+        return timm_eva.canonical_state_dict(model.visual, grid)
     if spec.family == "timm_vit" and spec.head == "token_mean":
         return timm_token_vit.canonical_state_dict(model.visual)
     adapter = {"openclip_vit": openclip_vit, "timm_vit": timm_vit}[spec.family]

@@ -67,8 +67,10 @@ class TowerSpec:
     def head_dim(self) -> int:
         return self.width // self.heads
 
-    def tokens(self, grid: int) -> int:
-        return self.prefix_tokens + grid * grid
+    def tokens(self, grid: int | tuple[int, int]) -> int:
+        """Tokens of a (gh, gw) grid (an int is a square): the patches and the prefix."""
+        gh, gw = (grid, grid) if isinstance(grid, int) else grid
+        return self.prefix_tokens + gh * gw
 
     @property
     def explains_head(self) -> bool:

@@ -84,15 +84,15 @@ def describe(visual: nn.Module, model_name: str) -> TowerSpec:
     )
 
 
-def rope_table(visual: nn.Module, grid: int) -> torch.Tensor:
-    """The RoPE table (grid·grid, 2·head_dim), sin then cos, that timm's trunk uses at that grid."""
+def rope_table(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """The RoPE table (gh·gw, 2·head_dim), sin then cos, that timm's trunk uses at the (gh, gw) grid."""
     from timm.layers.pos_embed_sincos import build_rotary_pos_embed
 
     rope = visual.trunk.rope
-    if [grid, grid] == list(rope.feat_shape):
+    if list(grid) == list(rope.feat_shape):
         return rope.get_embed().float()  # the cached table, bit for bit
     sin, cos = build_rotary_pos_embed(
-        [grid, grid],
+        list(grid),
         bands=rope.bands,
         in_pixels=rope.in_pixels,
         ref_feat_shape=rope.ref_feat_shape,
@@ -106,8 +106,9 @@ def rope_table(visual: nn.Module, grid: int) -> torch.Tensor:
     return torch.cat([sin, cos], dim=-1).float()
 
 
-def canonical_state_dict(visual: nn.Module, grid: int) -> dict[str, torch.Tensor]:
-    """The tower's tensors (views) under the canonical names of spec.py, plus the RoPE table for `grid`."""
+def canonical_state_dict(visual: nn.Module, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The tower's tensors (views) under the canonical names of spec.py, plus the RoPE table for the
+    (gh, gw) `grid`."""
     out = {}
     for name, tensor in visual.trunk.state_dict().items():
         if name in ("cls_token", "pos_embed"):

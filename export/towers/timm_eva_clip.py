@@ -144,9 +144,9 @@ def describe(visual: nn.Module, model_name: str) -> TowerSpec:
     )
 
 
-def canonical_state_dict(visual: nn.Module, grid: int) -> dict[str, torch.Tensor]:
+def canonical_state_dict(visual: nn.Module, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The tower's tensors (views, or small new tensors) under the canonical names of spec.py, plus the
-    RoPE table for `grid` when the trunk has RoPE."""
+    RoPE table for the (gh, gw) `grid` when the trunk has RoPE."""
     trunk = visual.trunk
     proj = _projection(visual, "model")
     out = {}

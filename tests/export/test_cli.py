@@ -126,7 +126,7 @@ def test_vit_b16_export_end_to_end(tmp_path, capsys):
     assert out.strip() == str(folder)
     meta = read_metadata(folder)
     verify_files(folder, meta)
-    assert (meta.layers, meta.grid_size, meta.embed_dim) == ((10, 11), 14, 512)
+    assert (meta.layers, meta.grid_size, meta.embed_dim) == ((10, 11), (14, 14), 512)
     # the random weights are not saved anywhere, so rebuild them: same seed → same open_clip model
     pixels, text = random_inputs(2, 3, 224, 512, seed=3)
     session = ort.InferenceSession(str(folder / IMAGE_GRAPH.filename), providers=["CPUExecutionProvider"])

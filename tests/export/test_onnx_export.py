@@ -107,7 +107,8 @@ def test_folder_is_self_describing_and_checksummed(exported):
     loaded, folder, size, layers, checkpoint = exported
     meta = read_metadata(folder)
     verify_files(folder, meta)
-    assert meta.image_size == size and meta.grid_size == size // loaded.vit.patch_size
+    grid = size // loaded.vit.patch_size
+    assert meta.image_size == (size, size) and meta.grid_size == (grid, grid)
     assert meta.patch_size == loaded.vit.patch_size and meta.embed_dim == loaded.vit.embed_dim
     assert meta.activation == loaded.vit.activation
     assert meta.checkpoint_sha256 == sha256_file(checkpoint)

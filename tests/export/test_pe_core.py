@@ -73,7 +73,7 @@ def test_the_export_runs_under_onnxruntime(pe_core, tmp_path, size):
     folder = export_model(pe_core, tmp_path, ExportSettings(layers="all", image_size=size))
     meta = read_metadata(folder)
     assert (meta.tower.family, meta.tower.prefix_tokens, meta.logit_bias) == ("timm_eva", 1, None)
-    assert meta.correction.enabled and meta.image_size == size
+    assert meta.correction.enabled and meta.image_size == (size, size)
     session = ort.InferenceSession(str(folder / IMAGE_GRAPH.filename), providers=["CPUExecutionProvider"])
     pixels, text = random_inputs(2, 3, size, 48, seed=5)
     got = session.run(None, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()})

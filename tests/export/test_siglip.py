@@ -158,7 +158,7 @@ def test_vit_b16_siglip_export_end_to_end(tmp_path, capsys):
     folder = tmp_path / "out" / "ViT-B-16-SigLIP__none__224"
     assert out.strip() == str(folder)
     meta = read_metadata(folder)
-    assert (meta.layers, meta.grid_size, meta.embed_dim, meta.tower.head) == ((10, 11), 14, 768, "map")
+    assert (meta.layers, meta.grid_size, meta.embed_dim, meta.tower.head) == ((10, 11), (14, 14), 768, "map")
     assert meta.correction.enabled and meta.logit_bias == -10
     assert max(meta.extra["verification_max_abs_diff"].values()) <= 1e-4
 

@@ -144,7 +144,7 @@ def test_a_real_size_tower_exports_end_to_end(tmp_path, capsys, name, blocks, em
     folder = tmp_path / "out" / f"{name}__none__224"
     assert out.strip() == str(folder)
     meta = read_metadata(folder)
-    assert (meta.layers, meta.grid_size, meta.embed_dim) == ((blocks - 2, blocks - 1), 14, embed_dim)
+    assert (meta.layers, meta.grid_size, meta.embed_dim) == ((blocks - 2, blocks - 1), (14, 14), embed_dim)
     assert meta.tower.head == "token_mean" and meta.tower.prefix_tokens == (name == "MobileCLIP-B")
     assert max(meta.extra["verification_max_abs_diff"].values()) <= 1e-4
     image = np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8)

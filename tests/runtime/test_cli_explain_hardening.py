@@ -249,3 +249,15 @@ def test_a_huge_vocabulary_is_summarised_not_expanded(model_folder, tmp_path, ca
         capsys, "explain", str(folder), str(photo), "--vocabulary", "--out", str(tmp_path / "o")
     )
     assert "100,000,000 prompts, more than the 4,096 allowed" in line
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_quietly():
+    """`legrad info | head`: stdout's reader went away. No 'internal error', no traceback at exit
+    (Python's own flush of the dead stdout), and the pipe's exit code."""
+    code = (
+        "import sys\nfrom legrad_runtime.cli_runner import run_main\n"
+        "def body():\n    print('x' * 100)\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "sys.exit(run_main('legrad', body))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 141 and run.stderr == ""

@@ -17,8 +17,7 @@ def test_a_coca_folder_explains_each_image_and_prompt_on_its_own(model_folders):
     images = [rng.integers(0, 256, (50 + 7 * k, 70 - 6 * k, 3), dtype=np.uint8) for k in range(3)]
     prompts = ["a red circle", "a blue square", "two green triangles, at night!"]
     both = model.explain(images, prompts)
-    g = meta.grid_size
-    assert both.layer_maps.shape == (3, 3, len(meta.layers), g, g)
+    assert both.layer_maps.shape == (3, 3, len(meta.layers), *meta.grid_size)
     for b, image in enumerate(images):
         for p, prompt in enumerate(prompts):
             alone = model.explain(image, [prompt])

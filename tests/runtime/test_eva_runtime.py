@@ -17,13 +17,18 @@ def test_an_eva02_folder_explains_the_patches_and_scores_by_softmax(model_folder
     model = load(model_folders["eva02"])
     meta = model.metadata
     assert (meta.tower.family, meta.tower.head, meta.tower.prefix_tokens) == ("timm_eva", "token_mean", 1)
-    assert meta.grid_size == meta.image_size // meta.patch_size and meta.logit_bias is None
+    assert meta.grid_size == tuple(side // meta.patch_size for side in meta.image_size)
+    assert meta.logit_bias is None
     prompts = ["a red circle", "a blue square", "two green triangles, at night!"]
     images = _images(2)
     both = model.explain(images, prompts)
-    g = meta.grid_size
-    assert both.layer_maps.shape == (2, 3, len(meta.layers), g, g)  # the class token's column dropped
-    assert both.heatmaps.shape == (2, 3, meta.image_size, meta.image_size)
+    assert both.layer_maps.shape == (
+        2,
+        3,
+        len(meta.layers),
+        *meta.grid_size,
+    )  # the class token's column dropped
+    assert both.heatmaps.shape == (2, 3, *meta.image_size)
     for b, image in enumerate(images):
         for p, prompt in enumerate(prompts):
             alone = model.explain(image, [prompt])

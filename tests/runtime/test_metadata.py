@@ -23,6 +23,9 @@ from legrad_runtime.metadata import (
     TokenizerCfg,
     TowerCfg,
     Vocabulary,
+    as_size,
+    format_size,
+    parse_size,
     read_metadata,
     sha256_file,
     verify_files,
@@ -105,7 +108,7 @@ def test_altered_or_missing_files_are_reported_together(tmp_path):
 
 
 def test_bad_resize_mode_is_a_value_error_naming_the_choices():
-    with pytest.raises(ValueError, match="'crop'.*shortest"):
+    with pytest.raises(ValueError, match="'crop'.*shortest.*longest"):
         PreprocessCfg(224, (0.5,) * 3, (0.5,) * 3, resize_mode="crop")
 
 
@@ -214,6 +217,7 @@ def test_a_folder_without_the_tower_fields_reads_as_an_openclip_vit(tmp_path, ve
     if version < 2:
         data.pop("vocabulary")
     data["schema_version"] = version
+    data["image_size"], data["grid_size"], data["preprocess"]["size"] = 448, 28, 448  # before v4: squares
     (tmp_path / METADATA_FILE).write_text(json.dumps(data))
     meta = read_metadata(tmp_path)
     assert meta.tower == CLIP_TOWER_28
@@ -301,10 +305,12 @@ def test_bad_tower_fields_are_model_folder_errors_naming_the_field(tmp_path, pat
         read_metadata(tmp_path)
 
 
-def test_a_grid_error_says_the_runtime_is_square_only(tmp_path):
+def test_a_tower_grid_error_names_the_grid_size_it_must_equal(tmp_path):
     data = json.loads(_siglip(_folder(tmp_path)).to_json())
     data["tower"]["grid"] = [14, 16]
-    with pytest.raises(ModelFolderError, match="tower.grid.*square"):
+    with pytest.raises(
+        ModelFolderError, match=r"'tower.grid' must equal grid_size \[14, 14\], got \[14, 16\]"
+    ):
         ModelMetadata.from_dict(data)
 
 
@@ -324,3 +330,96 @@ def test_tower_and_correction_check_their_own_values():
         TowerCfg("timm_vit", "map", 2, (14, 14))
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         CorrectionCfg(True, "a photo of a", 0.0)
+
+
+# ---------------------------------------------------------------- v4: (height, width) sizes
+
+
+def _non_square(meta: ModelMetadata) -> ModelMetadata:
+    """The fake folder's model at 448 wide, 336 high (patch 16: 21 rows × 28 columns), letterboxed."""
+    return dataclasses.replace(
+        meta,
+        image_size=(336, 448),
+        grid_size=(21, 28),
+        preprocess=PreprocessCfg((336, 448), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), resize_mode="longest"),
+        tower=TowerCfg("openclip_vit", "token_mean", 1, (21, 28)),
+    )
+
+
+def test_a_non_square_size_round_trips_as_height_width_lists(tmp_path):
+    meta = _non_square(_folder(tmp_path))
+    data = json.loads(meta.to_json())
+    assert data["schema_version"] == SCHEMA_VERSION == 4
+    assert data["image_size"] == data["preprocess"]["size"] == [336, 448]
+    assert data["grid_size"] == data["tower"]["grid"] == [21, 28]
+    assert data["preprocess"]["resize_mode"] == "longest"
+    (tmp_path / METADATA_FILE).write_text(meta.to_json())
+    read = read_metadata(tmp_path)
+    assert read == meta and read.image_size == (336, 448) and read.grid_size == (21, 28)
+
+
+def test_integer_sizes_are_squares_in_every_schema_version(tmp_path):
+    data = json.loads(_folder(tmp_path).to_json())
+    data["image_size"], data["grid_size"], data["preprocess"]["size"] = 448, 28, 448
+    data["tower"]["grid"] = [28, 28]
+    for version in (3, 4):
+        data["schema_version"] = version
+        meta = ModelMetadata.from_dict(data)
+        assert (meta.image_size, meta.grid_size, meta.preprocess.size) == ((448, 448), (28, 28), (448, 448))
+    built = dataclasses.replace(_folder(tmp_path), image_size=224, grid_size=14)
+    assert (built.image_size, built.grid_size) == ((224, 224), (14, 14))
+
+
+def test_the_patch_embedding_floors_each_side(tmp_path):
+    data = json.loads(_non_square(_folder(tmp_path)).to_json())
+    data["image_size"] = data["preprocess"]["size"] = [336 + 15, 448 + 15]  # 351 // 16 = 21, 463 // 16 = 28
+    assert ModelMetadata.from_dict(data).grid_size == (21, 28)
+
+
+@pytest.mark.parametrize(
+    "path, value, field",
+    [
+        ("grid_size", [21, 27], "grid_size"),  # the width's side disagrees
+        ("grid_size", [28, 21], "grid_size"),  # (width, height): the wrong order
+        ("grid_size", 21, "grid_size"),  # an integer is a square
+        ("grid_size", [21, 28, 1], "grid_size"),
+        ("image_size", [448, 336], "grid_size"),  # rows and columns swapped: the grid no longer agrees
+        ("image_size", [336, 0], "image_size"),
+        ("image_size", [336.0, 448], "image_size"),
+        ("image_size", {"height": 336, "width": 448}, "image_size"),
+        ("preprocess.size", [448, 336], "preprocess.size"),
+        ("preprocess.size", 336, "preprocess.size"),
+        ("preprocess.size", [336, False], "preprocess.size"),
+        ("tower.grid", [28, 21], "tower.grid"),  # must equal grid_size, rows first
+        ("tower.grid", [21, 21], "tower.grid"),
+    ],
+)
+def test_a_size_that_disagrees_per_side_is_refused_naming_the_field(tmp_path, path, value, field):
+    data = json.loads(_non_square(_folder(tmp_path)).to_json())
+    _set(data, path, value)
+    with pytest.raises(ModelFolderError, match=f"field {re.escape(repr(field))}"):
+        ModelMetadata.from_dict(data)
+
+
+def test_preprocess_sizes_are_height_width_and_ints_are_squares():
+    assert PreprocessCfg(224, (0.5,) * 3, (0.5,) * 3).size == (224, 224)
+    assert PreprocessCfg((48, 80), (0.5,) * 3, (0.5,) * 3, resize_mode="longest").size == (48, 80)
+    assert PreprocessCfg([48, 80], (0.5,) * 3, (0.5,) * 3).size == (48, 80)
+    for bad in (0, (48, 0), (48,), (48, 80, 3), (48.0, 80), "48x80", True):
+        with pytest.raises(ValueError):
+            PreprocessCfg(bad, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_sizes_are_written_width_by_height_and_parsed_back():
+    assert as_size(224) == (224, 224) and as_size((336, 448)) == (336, 448)
+    assert format_size((448, 448)) == "448" and format_size((336, 448)) == "448x336"
+    assert parse_size("448") == (448, 448) and parse_size("448x336") == (336, 448)
+    assert parse_size(" 448×336 ") == (336, 448) and parse_size("80X48") == (48, 80)
+    for size in [(1, 1), (48, 80), (80, 48), (336, 448)]:
+        assert parse_size(format_size(size)) == size
+    for bad in ("", "0", "448x", "x336", "448x336x3", "-4", "4.5", "448 x 336 px"):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            parse_size(bad)
+    for bad in (True, 4.0, "448", (448,), (448, 336.0)):
+        with pytest.raises(ValueError):
+            as_size(bad)

@@ -38,7 +38,7 @@ def _refused(folder: Path, match: str, **kwargs) -> str:
 
 
 def test_the_untouched_copy_loads(folder):
-    assert load(folder, device="cpu").metadata.image_size > 0
+    assert min(load(folder, device="cpu").metadata.image_size) > 0
 
 
 def test_tokenizer_files_outside_the_folder_are_refused(folder, tmp_path):
@@ -101,7 +101,7 @@ def test_a_symlink_inside_the_folder_is_fine(folder):
 def test_files_the_list_does_not_name_are_refused_unless_verification_is_off(folder):
     (folder / "legrad_image.onnx.data").write_bytes(b"\0" * 64)  # external data a graph could point at
     _refused(folder, "legrad_image.onnx.data is not listed")
-    assert load(folder, device="cpu", verify=False).metadata.image_size > 0
+    assert min(load(folder, device="cpu", verify=False).metadata.image_size) > 0
 
 
 def test_metadata_that_is_a_fifo_or_a_symlink_outside_is_refused_without_blocking(folder, tmp_path):
@@ -119,8 +119,15 @@ def test_metadata_that_is_a_fifo_or_a_symlink_outside_is_refused_without_blockin
 BAD_VALUES = [
     ("files", ["a"], "'files' must be a JSON object"),
     ("extra", [1], "'extra' must be a JSON object"),
-    ("image_size", "64", "'image_size' must be an integer"),
-    ("image_size", 0, "'image_size' must be an integer in"),
+    ("image_size", "64", r"'image_size' must be an integer or \[height, width\]"),
+    ("image_size", 0, r"'image_size' must be an integer or \[height, width\], each in"),
+    ("image_size", [64], r"'image_size' must be an integer or \[height, width\]"),
+    ("image_size", [64, 64, 64], r"'image_size' must be an integer or \[height, width\]"),
+    ("image_size", [64, "64"], r"'image_size' must be an integer or \[height, width\]"),
+    ("image_size", [64, True], r"'image_size' must be an integer or \[height, width\]"),
+    ("grid_size", [4, 5], "'grid_size' must be image_size // patch_size per side"),
+    ("preprocess.size", [64, 80], "'preprocess.size' must equal image_size"),
+    ("preprocess.resize_mode", "crop", "'preprocess.resize_mode' must be one of shortest, squash, longest"),
     ("preprocess.std", [0, 0, 0], "'preprocess.std' must be a list of 3 positive"),
     ("preprocess.mean", [0.5, 0.5], "'preprocess.mean' must be a list of 3"),
     ("tokenizer.context_length", 0, "'tokenizer.context_length' must be an integer in"),
@@ -158,15 +165,30 @@ def test_wrongly_typed_or_disagreeing_metadata_is_one_error_naming_the_field(fol
 def test_a_grid_that_disagrees_with_the_graph_is_named(folder):
     meta = read_metadata(folder)
     patch = meta.patch_size // 2  # still patch × grid = size, but not what the graph computes
-    grid = meta.image_size // patch
+    grid = [side // patch for side in meta.image_size]
 
     def edit(d):
         d.update(patch_size=patch, grid_size=grid)
         if d.get("tower") is not None:  # v3: the tower's grid agrees with grid_size, or is refused first
-            d["tower"]["grid"] = [grid, grid]
+            d["tower"]["grid"] = grid
 
     edit_metadata(folder, edit)
     _refused(folder, "'grid_size' = .* disagrees with legrad_image.onnx")
+
+
+def test_a_non_square_size_that_disagrees_with_the_graph_is_named(folder):
+    meta = read_metadata(folder)
+    height, width = meta.image_size[0], meta.image_size[1] + meta.patch_size  # a column of patches more
+    grid = [height // meta.patch_size, width // meta.patch_size]
+
+    def edit(d):
+        d.update(image_size=[height, width], grid_size=grid)
+        d["preprocess"]["size"] = [height, width]
+        if d.get("tower") is not None:
+            d["tower"]["grid"] = grid
+
+    edit_metadata(folder, edit)
+    _refused(folder, rf"'image_size' = \[{height}, {width}\] disagrees with legrad_image.onnx")
 
 
 def test_a_tower_grid_that_disagrees_with_grid_size_is_named(folder):

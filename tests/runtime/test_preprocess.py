@@ -1,6 +1,7 @@
 """Loading and preprocessing images, and mapping heatmaps back. Torch-free (runs in the lean venv too).
 
-Parity with open_clip's own transform is tested on the torch side: tests/export/test_preprocess_parity.py.
+Parity with open_clip's own transform is tested where torch is installed: square sizes on image files in
+tests/export/test_preprocess_parity.py, non-square sizes and 'longest' in test_preprocess_open_clip.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from legrad_runtime.preprocess import (
     NATIVE_MODES,
     Placement,
     load_image,
+    model_view,
     preprocess,
     preprocess_batch,
     to_original,
@@ -26,7 +28,9 @@ from legrad_runtime.preprocess import (
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def _cfg(size: int = 32, resize_mode: str = "squash", interpolation: str = "bicubic") -> PreprocessCfg:
+def _cfg(
+    size: int | tuple[int, int] = 32, resize_mode: str = "squash", interpolation: str = "bicubic"
+) -> PreprocessCfg:
     return PreprocessCfg(size, MEAN, STD, interpolation, resize_mode)
 
 
@@ -142,13 +146,15 @@ def _image_in_mode(mode: str) -> Image.Image:
 ACCEPTED_MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "1", "CMYK", "YCbCr", "I;16", "I;16B", "I"]
 
 
-@pytest.mark.parametrize("resize_mode", ["squash", "shortest"])
+@pytest.mark.parametrize("size", [32, (24, 40)])
+@pytest.mark.parametrize("resize_mode", ["squash", "shortest", "longest"])
 @pytest.mark.parametrize("mode", ACCEPTED_MODES)
-def test_every_accepted_mode_gives_finite_float32_pixel_values(tmp_path, mode, resize_mode):
+def test_every_accepted_mode_gives_finite_float32_pixel_values(tmp_path, mode, resize_mode, size):
     img = load_image(_image_in_mode(mode))
     assert img.mode in NATIVE_MODES and img.size == (34, 21)
-    x, placement = preprocess(img, _cfg(32, resize_mode))
-    assert x.shape == (3, 32, 32) and x.dtype == np.float32 and np.isfinite(x).all()
+    x, placement = preprocess(img, _cfg(size, resize_mode))
+    height, width = (size, size) if isinstance(size, int) else size
+    assert x.shape == (3, height, width) and x.dtype == np.float32 and np.isfinite(x).all()
     assert (placement.width, placement.height) == (34, 21)
 
 
@@ -249,9 +255,127 @@ def test_to_original_covers_the_original_pixel_grid(resize_mode, hw):
         np.testing.assert_allclose(full, 1.0, atol=1e-6)
 
 
-def test_to_original_refuses_a_map_that_is_not_square():
-    with pytest.raises(InputError, match=r"\(S, S\)"):
-        to_original(np.zeros((4, 5), np.float32), Placement(5, 4, (0.0, 0.0, 5.0, 4.0)))
+@pytest.mark.parametrize("shape", [(4,), (2, 4, 5), (0, 5), (4, 0)])
+def test_to_original_refuses_a_map_that_is_not_a_2d_map(shape):
+    with pytest.raises(InputError, match="2-D"):
+        to_original(np.zeros(shape, np.float32), Placement(5, 4, (0.0, 0.0, 5.0, 4.0)))
+
+
+# ---------------------------------------------------------------- non-square sizes, 'longest'
+
+# Hand computations for a 300 x 200 landscape and a 120 x 200 portrait at 80 wide, 48 high:
+# longest  landscape: ratio max(200/48, 300/80) = 25/6, resized 72 x 48, padded 4 left, 4 right
+# longest  portrait:  ratio max(200/48, 120/80) = 25/6, resized 29 x 48 (28.8), padded 25 left, 26 right
+# shortest landscape: ratio min(200/48, 300/80) = 3.75, resized 80 x 53 (53.3), crop top round(2.5) = 2
+# squash: 80 x 48 whatever the image
+NON_SQUARE = (48, 80)  # (height, width)
+
+
+def test_longest_placement_reaches_into_the_padding():
+    _, landscape = preprocess(Image.fromarray(_pixels(200, 300)), _cfg(NON_SQUARE, "longest"))
+    np.testing.assert_allclose(landscape.box, (-4 * 300 / 72, 0, 76 * 300 / 72, 200))
+    _, portrait = preprocess(Image.fromarray(_pixels(200, 120)), _cfg(NON_SQUARE, "longest"))
+    np.testing.assert_allclose(portrait.box, (-25 * 120 / 29, 0, 55 * 120 / 29, 200))
+    _, shortest = preprocess(Image.fromarray(_pixels(200, 300)), _cfg(NON_SQUARE, "shortest"))
+    np.testing.assert_allclose(shortest.box, (0, 2 * 200 / 53, 300, 50 * 200 / 53))
+    _, squash = preprocess(Image.fromarray(_pixels(200, 300)), _cfg(NON_SQUARE, "squash"))
+    assert squash.box == (0.0, 0.0, 300.0, 200.0)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "1"])
+def test_longest_pads_with_black_before_normalising(mode):
+    img = Image.fromarray(np.full((200, 120, 4), 255, np.uint8), mode="RGBA").convert(mode)
+    x, _ = preprocess(img, _cfg(NON_SQUARE, "longest"))  # 29 columns of image, 25 left and 26 right of black
+    black = (0 - np.float32(MEAN)) / np.float32(STD)
+    white = (1 - np.float32(MEAN)) / np.float32(STD)
+    assert x.shape == (3, 48, 80)
+    np.testing.assert_allclose(x[:, :, :25], np.broadcast_to(black[:, None, None], (3, 48, 25)), atol=1e-6)
+    np.testing.assert_allclose(x[:, :, 54:], np.broadcast_to(black[:, None, None], (3, 48, 26)), atol=1e-6)
+    np.testing.assert_allclose(x[:, :, 25:54], np.broadcast_to(white[:, None, None], (3, 48, 29)), atol=1e-6)
+
+
+@pytest.mark.parametrize("hw, pad", [((200, 300), (4, 4)), ((200, 120), (25, 26))])
+def test_to_original_drops_the_padding_of_longest(hw, pad):
+    _, placement = preprocess(Image.fromarray(_pixels(*hw)), _cfg(NON_SQUARE, "longest"))
+    content = np.zeros(NON_SQUARE, np.float32)
+    content[:, pad[0] : 80 - pad[1]] = 1
+    np.testing.assert_allclose(to_original(content, placement), 1.0, atol=1e-6)  # no padding bleeds in
+    np.testing.assert_allclose(to_original(1 - content, placement), 0.0, atol=1e-6)
+    heatmap = np.random.default_rng(5).random(NON_SQUARE, dtype=np.float32)
+    inside = Image.fromarray(np.ascontiguousarray(heatmap[:, pad[0] : 80 - pad[1]]), mode="F")
+    expected = np.asarray(inside.resize(hw[::-1], Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(to_original(heatmap, placement), expected, atol=1e-6)
+
+
+def _ramp(shape: tuple[int, int], axis: int) -> np.ndarray:
+    """Each cell holds its centre's coordinate along `axis`: bilinear resampling keeps it exact."""
+    centres = np.arange(shape[axis], dtype=np.float32) + 0.5
+    return np.ascontiguousarray(np.broadcast_to(centres[:, None] if axis == 0 else centres, shape))
+
+
+@pytest.mark.parametrize(
+    "hw, resize_mode, along_x, along_y",
+    [  # the model coordinate of original pixel centre x (or y) + 0.5, by hand (see above)
+        ((200, 300), "longest", lambda x: 4 + x * 72 / 300, lambda y: y * 48 / 200),
+        ((200, 120), "longest", lambda x: 25 + x * 29 / 120, lambda y: y * 48 / 200),
+        ((200, 300), "shortest", lambda x: x * 80 / 300, lambda y: y * 53 / 200 - 2),
+        ((200, 300), "squash", lambda x: x * 80 / 300, lambda y: y * 48 / 200),
+        ((120, 100), "squash", lambda x: x * 80 / 100, lambda y: y * 48 / 120),
+    ],
+)
+def test_to_original_puts_each_model_coordinate_where_the_preprocessing_took_it(
+    hw, resize_mode, along_x, along_y
+):
+    _, placement = preprocess(Image.fromarray(_pixels(*hw)), _cfg(NON_SQUARE, resize_mode))
+    along = {0: along_y, 1: along_x}
+    u = {axis: along[axis](np.arange(hw[axis]) + 0.5) for axis in (0, 1)}  # of each pixel centre
+    covered = {axis: (u[axis] > 0) & (u[axis] < NON_SQUARE[axis]) for axis in (0, 1)}
+    for axis in (0, 1):
+        back = to_original(_ramp(NON_SQUARE, axis), placement)
+        back = (back if axis == 1 else back.T)[covered[1 - axis]]  # (other side, this side)
+        inside = (u[axis] >= 0.5) & (u[axis] <= NON_SQUARE[axis] - 0.5)  # away from where filters clamp
+        if resize_mode == "longest":  # ... and from the content's edges: the padding is cut off
+            inside &= (u[axis] >= along[axis](0.0) + 0.5) & (u[axis] <= along[axis](hw[axis]) - 0.5)
+        assert inside.sum() > hw[axis] // 2
+        expected = np.broadcast_to(u[axis][inside], back[:, inside].shape)
+        # a crop's edges inside the image are rounded to whole pixels: off by up to half a pixel
+        rounded = resize_mode == "shortest" and covered[axis].sum() < hw[axis]
+        per_pixel = along[axis](1.0) - along[axis](0.0)  # model cells per original pixel
+        np.testing.assert_allclose(back[:, inside], expected, atol=0.5 * per_pixel if rounded else 2e-4)
+        assert not back[:, ~covered[axis]].any()  # what 'shortest' cropped away is 0
+
+
+def test_to_original_takes_a_layer_map_at_grid_resolution():
+    """A (3, 5) map over the landscape: 0.25 of a cell is padding on each side (4 of 16 px)."""
+    _, placement = preprocess(Image.fromarray(_pixels(200, 300)), _cfg(NON_SQUARE, "longest"))
+    layer = np.random.default_rng(6).random((3, 5), dtype=np.float32)
+    full = to_original(layer, placement)
+    expected = Image.fromarray(layer, mode="F").resize(
+        (300, 200), Image.Resampling.BILINEAR, box=(0.25, 0, 4.75, 3)
+    )
+    assert full.shape == (200, 300)
+    np.testing.assert_allclose(full, np.asarray(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("resize_mode", ["squash", "shortest", "longest"])
+@pytest.mark.parametrize("hw", [(5, 7), (240, 320), (333, 101), (3, 400), (1, 400), (400, 1), (1, 1)])
+def test_every_mode_maps_a_non_square_map_onto_the_whole_original(resize_mode, hw):
+    x, placement = preprocess(Image.fromarray(_pixels(*hw)), _cfg(NON_SQUARE, resize_mode))
+    assert x.shape == (3, 48, 80) and np.isfinite(x).all()
+    full = to_original(np.ones(NON_SQUARE, np.float32), placement)
+    assert full.shape == hw and full.min() >= 0 and full.max() <= 1 + 1e-6
+    if resize_mode != "shortest":  # squash and longest see the whole image
+        np.testing.assert_allclose(full, 1.0, atol=1e-6)
+
+
+def test_model_view_is_the_picture_preprocess_normalises():
+    img = Image.fromarray(_pixels(200, 120, 4), mode="RGBA")
+    for resize_mode in ("squash", "shortest", "longest"):
+        cfg = _cfg(NON_SQUARE, resize_mode)
+        seen = model_view(img, cfg)
+        assert seen.size == (80, 48)
+        expected = (np.asarray(seen.convert("RGB"), np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
+        np.testing.assert_allclose(preprocess(img, cfg)[0], expected.transpose(2, 0, 1), atol=1e-6)
 
 
 def test_preprocess_module_imports_without_torch():

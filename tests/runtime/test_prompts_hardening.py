@@ -65,7 +65,8 @@ def test_empty_and_dot_paths_get_their_own_words(model, source, match):
 def test_the_layer_figure_of_a_centre_cropped_model_shows_the_crop(model_folders, monkeypatch):
     """A 2:1 image with red outer quarters and a blue middle: 'shortest' sees only the blue."""
     model = load(model_folders["shortest"], device="cpu")
-    size = model.metadata.image_size
+    size = model.metadata.image_size[0]  # a square: (size, size)
+    assert model.metadata.image_size == (size, size)
     array = np.zeros((100, 200, 3), np.uint8)
     array[:, :50], array[:, 150:], array[:, 50:150] = (255, 0, 0), (255, 0, 0), (0, 0, 255)
     picture = Image.fromarray(array)

@@ -59,9 +59,9 @@ def photos(tmp_path_factory):
 def test_explain_gives_every_output_with_the_documented_shapes(model, photos):
     m = model.metadata
     result = model.explain(photos, PROMPTS)
-    s, g = m.image_size, m.grid_size
-    assert result.heatmaps.shape == (4, 3, s, s) and result.heatmaps.dtype == np.float32
-    assert result.layer_maps.shape == (4, 3, len(m.layers), g, g)
+    (h, w), (gh, gw) = m.image_size, m.grid_size
+    assert result.heatmaps.shape == (4, 3, h, w) and result.heatmaps.dtype == np.float32
+    assert result.layer_maps.shape == (4, 3, len(m.layers), gh, gw)
     assert result.heatmaps.min() >= 0 and result.heatmaps.max() <= 1 and np.isfinite(result.heatmaps).all()
     assert result.similarities.shape == (4, 3) and np.allclose(result.probabilities.sum(1), 1)
     assert np.allclose(np.linalg.norm(result.image_embeds, axis=1), 1, atol=1e-5)
@@ -70,7 +70,7 @@ def test_explain_gives_every_output_with_the_documented_shapes(model, photos):
             size = im.size
         assert result.overlay(b, 1).size == size  # over the ORIGINAL image, at its own size
         assert result.heatmap_on_original(b, 0).shape == size[::-1]
-    assert result.layer_figure(0, 0).width > s and result.grid().height > 0
+    assert result.layer_figure(0, 0).width > w and result.grid().height > 0
 
 
 def test_results_do_not_depend_on_batching(model, photos):
@@ -245,7 +245,8 @@ def test_cli_info_prints_the_metadata(model_folder, capsys):
     meta = json.loads(capsys.readouterr().out)
     assert cli_main(["info", str(model_folder)]) == 0
     text = capsys.readouterr().out
-    assert f"{meta['image_size']}×{meta['image_size']} px" in text and "legrad_image.onnx" in text
+    height, width = meta["image_size"]  # [height, width] in schema v4
+    assert f"{width}×{height} px" in text and "legrad_image.onnx" in text
 
 
 def test_the_runtime_never_imports_torch(model_folder, photos):
@@ -393,3 +394,33 @@ def test_info_shows_the_tower_the_correction_and_the_bias():
     assert "correction" not in plain and "logit bias" not in plain
     off = _summary(dataclasses.replace(_siglip_b16(), correction=CorrectionCfg(False)))
     assert "  correction off:" in off
+
+
+def _resized(meta: ModelMetadata, height: int, width: int) -> ModelMetadata:
+    """`meta` at another (height, width); patch 16."""
+    grid = (height // 16, width // 16)
+    return dataclasses.replace(
+        meta,
+        image_size=(height, width),
+        grid_size=grid,
+        preprocess=dataclasses.replace(meta.preprocess, size=(height, width)),
+        tower=dataclasses.replace(meta.tower, grid=grid),
+    )
+
+
+@pytest.mark.parametrize("make", [_clip_b16, _siglip_b16])
+def test_chunk_sizes_count_height_times_width(make):
+    """224 x 224 and 112 x 448 have the same pixels and patches (196), so the same chunks; 224 x 448
+    has twice both, so fewer prompts fit a call."""
+    square, wide, double = make(), _resized(make(), 112, 448), _resized(make(), 224, 448)
+    for budget in (64 * 1024**2, 2 * 1024**3):
+        for prompts, batch in ((1, None), (1000, None), (100_000, 1)):
+            chunks = [
+                _without_a_folder(m).chunk_sizes(prompts, batch, budget) for m in (square, wide, double)
+            ]
+            assert chunks[0] == chunks[1]
+            assert chunks[2][0] <= chunks[0][0] and chunks[2][1] <= chunks[0][1]
+    assert (
+        _without_a_folder(double).chunk_sizes(100_000, 1, 2 * 1024**3)[1]
+        < (_without_a_folder(square).chunk_sizes(100_000, 1, 2 * 1024**3)[1])
+    )

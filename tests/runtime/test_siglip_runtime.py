@@ -22,7 +22,7 @@ def _images(count: int) -> list[np.ndarray]:
 def test_the_folder_describes_a_map_head_tower(siglip):
     meta = siglip.metadata
     assert (meta.tower.family, meta.tower.head, meta.tower.prefix_tokens) == ("timm_vit", "map", 0)
-    assert meta.tower.grid == (meta.grid_size, meta.grid_size)
+    assert meta.tower.grid == meta.grid_size
     assert meta.correction is not None and meta.correction.enabled and meta.logit_bias is not None
     assert meta.tokenizer.kind == "hf"
 
@@ -31,7 +31,7 @@ def test_each_image_and_prompt_equals_its_single_result(siglip):
     prompts = ["a red circle", "a blue square", "a shape", "two green triangles, at night!"]
     images = _images(3)
     both = siglip.explain(images, prompts)
-    assert both.heatmaps.shape == (3, 4, siglip.metadata.image_size, siglip.metadata.image_size)
+    assert both.heatmaps.shape == (3, 4, *siglip.metadata.image_size)
     for b, image in enumerate(images):
         for p, prompt in enumerate(prompts):
             alone = siglip.explain(image, [prompt])
@@ -80,8 +80,7 @@ def test_a_pe_core_folder_drops_the_class_token_and_scores_by_softmax(model_fold
     assert (meta.tower.family, meta.tower.prefix_tokens, meta.logit_bias) == ("timm_eva", 1, None)
     images = _images(2)
     both = model.explain(images, ["a red circle", "a blue square"])
-    g = meta.grid_size
-    assert both.layer_maps.shape == (2, 2, len(meta.layers), g, g)  # patches only
+    assert both.layer_maps.shape == (2, 2, len(meta.layers), *meta.grid_size)  # patches only
     alone = model.explain(images[1], ["a blue square"])
     np.testing.assert_allclose(both.heatmaps[1, 1], alone.heatmaps[0, 0], atol=1e-5)
     np.testing.assert_allclose(both.probabilities.sum(axis=1), 1, rtol=1e-6)

@@ -17,13 +17,18 @@ def test_a_vitamin_folder_explains_every_patch_and_scores_by_softmax(model_folde
     model = load(model_folders["vitamin"])
     meta = model.metadata
     assert (meta.tower.family, meta.tower.head, meta.tower.prefix_tokens) == ("timm_vit", "token_mean", 0)
-    assert meta.grid_size == meta.image_size // meta.patch_size and meta.logit_bias is None
+    assert meta.grid_size == tuple(side // meta.patch_size for side in meta.image_size)
+    assert meta.logit_bias is None
     prompts = ["a red circle", "a blue square", "two green triangles, at night!"]
     images = _images(3)
     both = model.explain(images, prompts)
-    g = meta.grid_size
-    assert both.layer_maps.shape == (3, 3, len(meta.layers), g, g)  # no class token: every cell a patch
-    assert both.heatmaps.shape == (3, 3, meta.image_size, meta.image_size)
+    assert both.layer_maps.shape == (
+        3,
+        3,
+        len(meta.layers),
+        *meta.grid_size,
+    )  # no class token: every cell a patch
+    assert both.heatmaps.shape == (3, 3, *meta.image_size)
     for b, image in enumerate(images):
         for p, prompt in enumerate(prompts):
             alone = model.explain(image, [prompt])

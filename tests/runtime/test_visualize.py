@@ -148,6 +148,15 @@ def test_layer_figure_renders_a_constant_layer_as_zeros_without_nan():
     assert (pixels == 0).all(axis=-1).sum() > 0.5 * 48 * 64  # the constant panel is black in 'gray'
 
 
+def test_layer_figure_keeps_a_non_square_picture_and_grid_in_shape():
+    """An 80 x 48 model input with 3 x 5 layer maps: panels 224 x 134, no stretching to squares."""
+    maps = np.random.default_rng(4).random((2, 3, 5))
+    wide = layer_figure(_image(80, 48), maps, [0, 1], "a cat")
+    square = layer_figure(_image(48, 48), np.random.default_rng(4).random((2, 3, 3)), [0, 1], "a cat")
+    assert wide.width == square.width  # four panels, each 224 px wide
+    assert square.height - wide.height == 224 - round(48 * 224 / 80)
+
+
 def test_layer_figure_checks_layers_against_maps():
     with pytest.raises(ValueError, match="layer"):
         layer_figure(_image(), np.zeros((3, 7, 7)), [0, 1], "a cat")
