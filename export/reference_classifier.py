@@ -1,0 +1,108 @@
+"""The autograd LeGrad reference for supervised ViT classifiers: docs/classifiers.md's rule on the
+UNTOUCHED torchvision `VisionTransformer`, the counterpart of torchcam 0.5.0's `LeGrad`.
+
+For each explained block l and class c, the score is the raw logit of the block's token mean,
+`heads(encoder.ln(mean_i z_l[i]))[c]`; the map is the positive part of its gradient with respect to
+the same block's post-softmax attention, averaged over heads and all queries, the class token's
+column dropped. Maps are averaged over layers and min-max normalised per (image, class) over the
+patch grid with torchcam's eps (1e-8); the image-size heatmap is that map upsampled bilinearly by
+the patch size (half-pixel), not normalised again.
+
+The model's own modules run in order; explained blocks run through their submodules with the
+attention softmax written out, so that A is a tensor autograd differentiates against. No hooks, no
+patching (torchcam hooks the model and replaces the attention's output while it is attached).
+Several classes per image come from one forward; torchcam takes one class per image and call.
+Shares no code with the closed-form path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .layers import resolve_layers
+
+__all__ = ["ClassifierLeGradOutput", "legrad_reference_torchvision", "TORCHCAM_EPS"]
+
+TORCHCAM_EPS = 1e-8  # torchcam's `_normalize`: (M - min) / (max - min + eps)
+
+
+@dataclass(frozen=True)
+class ClassifierLeGradOutput:
+    maps: torch.Tensor  # (B, P, gh, gw) in [0, 1]: torchcam's output, one map per (image, class)
+    heatmaps: torch.Tensor  # (B, P, H, W): `maps` upsampled bilinearly by the patch size
+    layer_maps: torch.Tensor  # (B, P, L, gh, gw) raw per-layer maps
+    logits: torch.Tensor  # (B, C) the model's own output
+    layers: tuple[int, ...]
+
+
+def _block_with_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision EncoderBlock on x (B, N, D): its output and its attention probabilities, a
+    leaf requiring grad (the score of this layer reaches them only through this block)."""
+    mha = block.self_attention
+    B, N, D = x.shape
+    H = mha.num_heads
+    q, k, v = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (q, k, v))
+    attn = torch.softmax(q @ k.transpose(-1, -2) / (D // H) ** 0.5, dim=-1)
+    attn = attn.detach().requires_grad_(True)
+    x = x + mha.out_proj((attn @ v).transpose(1, 2).reshape(B, N, D))
+    return x + block.mlp(block.ln_2(x)), attn
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    return (maps - lo) / ((maps - lo).amax(dim=(-2, -1), keepdim=True) + TORCHCAM_EPS)
+
+
+def legrad_reference_torchvision(
+    model,
+    pixel_values: torch.Tensor,
+    class_ids: torch.Tensor | Sequence[int],
+    layers: int | str | Sequence[int] = -2,
+) -> ClassifierLeGradOutput:
+    """LeGrad maps for B images × P classes of a torchvision `VisionTransformer` (eval mode),
+    `pixel_values` (B, 3, S, S) at the model's own size, preprocessed; `class_ids` (P,) int."""
+    if model.training:
+        raise ValueError("put the model in eval mode (model.eval()): dropout would make the maps random")
+    size = model.image_size
+    if tuple(pixel_values.shape[-2:]) != (size, size):
+        raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}; this model takes {size}×{size}")
+    classes = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
+    blocks = list(model.encoder.layers)
+    chosen = resolve_layers(layers, len(blocks))
+    patch = model.patch_size
+    grid = size // patch
+
+    with torch.no_grad():
+        logits = model(pixel_values)
+        x = model._process_input(pixel_values)  # (B, gh·gw, D)
+        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = model.encoder.dropout(x + model.encoder.pos_embedding)
+    outputs, attentions = {}, {}
+    for i, block in enumerate(blocks):
+        if i in chosen:
+            with torch.enable_grad():
+                x, attentions[i] = _block_with_attention(block, x)
+            outputs[i] = x
+        else:
+            with torch.no_grad():
+                x = block(x)
+
+    per_layer = []
+    for i in chosen:
+        with torch.enable_grad():
+            scores = model.heads(model.encoder.ln(outputs[i].mean(dim=1)))  # (B, C) raw logits
+            maps = []
+            for c in classes.tolist():
+                (grad,) = torch.autograd.grad(scores[:, c].sum(), attentions[i], retain_graph=True)
+                maps.append(grad.clamp(min=0).mean(dim=(1, 2))[:, 1:].reshape(-1, grid, grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, g, g)
+
+    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, g, g)
+    maps = _min_max(layer_maps.mean(dim=2))
+    heatmaps = F.interpolate(maps, scale_factor=patch, mode="bilinear", align_corners=False)
+    return ClassifierLeGradOutput(maps, heatmaps, layer_maps, logits, chosen)
