@@ -43,10 +43,10 @@ def setup(request):
 
 def test_cls_attention_is_open_clips_last_block_cls_row(setup):
     vit, pixels, weights = setup
-    g = vit.grid
-    expected = weights[-1][:, 0, 1:].reshape(-1, g, g)
+    gh, gw = vit.grid
+    expected = weights[-1][:, 0, 1:].reshape(-1, gh, gw)
     got = cls_attention(vit, pixels)
-    assert got.shape == (2, g, g)
+    assert got.shape == (2, gh, gw)
     np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -58,6 +58,6 @@ def test_rollout_is_the_product_of_residual_averaged_attention(setup):
         layers = [0.5 * w[b] + 0.5 * np.eye(n) for w in weights]
         layers = [a / a.sum(axis=1, keepdims=True) for a in layers]
         joint = reduce(lambda acc, a: a @ acc, layers)  # Â_L ⋯ Â_1
-        expected.append(joint[0, 1:].reshape(vit.grid, vit.grid))
+        expected.append(joint[0, 1:].reshape(vit.grid))
     got = attention_rollout(vit, pixels)
     np.testing.assert_allclose(got.double().numpy(), np.stack(expected), rtol=1e-4, atol=1e-6)

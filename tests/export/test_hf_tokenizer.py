@@ -20,7 +20,7 @@ from legrad_export.cli import main
 from legrad_export.load import load_openclip
 from legrad_export.text_tokenizer import write_tokenizer
 from legrad_runtime import load
-from legrad_runtime.metadata import read_metadata
+from legrad_runtime.metadata import SCHEMA_VERSION, read_metadata
 from legrad_runtime.tokenizer import HFTextTokenizer, load_tokenizer
 from prompt_corpus import CORPUS, mismatches, random_prompts
 from tiny_models import HF_TEXT_CLEAN, save_tiny_hf_text_encoder_model, save_tiny_hf_text_model
@@ -68,7 +68,7 @@ def test_an_exported_folder_embeds_prompts_as_open_clip_does(hf_model, tmp_path,
     assert main(["--model", str(source), "--out", str(tmp_path)]) == 0
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
     meta = read_metadata(folder)
-    assert meta.schema_version == 3 and meta.tokenizer.kind == "hf"
+    assert meta.schema_version == SCHEMA_VERSION and meta.tokenizer.kind == "hf"
     assert meta.tokenizer.files == ("tokenizer/tokenizer.json",)
     model = load(folder)
     prompts = [p for p in CORPUS if p.strip()][:24]
