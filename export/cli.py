@@ -32,11 +32,11 @@ __all__ = ["main", "build_parser", "IMAGE_SIZE_HELP", "RESIZE_MODE_HELP", "image
 PROG = "legrad-export"
 
 _STAGE_TEXT = {
-    "load": "load the open_clip model",
+    "load": "load the model",
     "build": "rebuild the image tower with explicit attention",
     "trace": "trace the image and text graphs to ONNX",
     "check": "check the graphs and verify them against the reference",
-    "write": "write tokenizer, metadata and checksums",
+    "write": "write the tokenizer, metadata and checksums",
 }
 
 
@@ -47,7 +47,7 @@ IMAGE_SIZE_HELP = (
 RESIZE_MODE_HELP = (
     "how the runtime fits images to the input: squash (LeGrad's demos, the whole image, aspect not "
     "kept), shortest (open_clip's: shorter side, then a centre crop) or longest (aspect kept, the "
-    "whole image, padded with black)"
+    "whole image, padded with black); default: squash, a classifier's own preprocessing for classifiers"
 )
 
 
@@ -61,12 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="legrad-export",
         description="Export an OpenCLIP ViT or SigLIP model with LeGrad as ONNX graphs plus metadata.",
     )
-    p.add_argument("--model", help="open_clip model name (e.g. ViT-B-16), or local-dir:PATH")
+    p.add_argument(
+        "--model",
+        help="open_clip model name (e.g. ViT-B-16), local-dir:PATH, or an ImageNet classifier: "
+        "torchvision:vit_b_16, timm:vit_base_patch16_224.augreg_in21k_ft_in1k",
+    )
     p.add_argument(
         "--pretrained",
         default=None,
-        help="open_clip tag (e.g. laion2b_s34b_b88k), a local checkpoint path, or 'none' for random weights "
-        "(the default); with --list-models, list every pretrained (model, tag) pair",
+        help="open_clip tag (e.g. laion2b_s34b_b88k), a torchvision weights name (IMAGENET1K_V1), 'hub' "
+        "(timm's weights), a local checkpoint path, or 'none' for random weights (the default); with "
+        "--list-models, list every pretrained (model, tag) pair",
     )
     p.add_argument("--image-size", default=None, metavar="SIZE", help=IMAGE_SIZE_HELP)
     p.add_argument(
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="blocks to explain: -2 = last two, k = blocks k..L-1, 'all', or a list '8,10,11' (default: "
         f"what a local model folder's legrad_defaults.json names, else {DEFAULT_LAYERS})",
     )
-    p.add_argument("--resize-mode", choices=RESIZE_MODES, default="squash", help=RESIZE_MODE_HELP)
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=None, help=RESIZE_MODE_HELP)
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
@@ -112,8 +117,15 @@ def add_loading_options(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace):
-    """`load_openclip` on the parsed --model, --pretrained, --cache-dir and --tokenizer (imports torch)."""
+    """`load_openclip` (or `load_classifier` for torchvision:/timm: names) on the parsed --model,
+    --pretrained, --cache-dir and --tokenizer (imports torch)."""
     from .load import load_openclip
+    from .load_classifier import is_classifier_name, load_classifier
+
+    if is_classifier_name(args.model):
+        if args.tokenizer is not None:
+            raise ExportError(f"--tokenizer is for CLIP-style models; {args.model} is a classifier: drop it")
+        return load_classifier(args.model, args.pretrained or "none")
 
     return load_openclip(
         args.model, args.pretrained or "none", cache_dir=args.cache_dir, tokenizer=args.tokenizer

@@ -99,6 +99,11 @@ def compute_heatmaps(
     `on_progress(done, total)` is called after each forward, counting images (an image with very
     many prompts counts once per forward it needs).
     """
+    if loaded.vit.is_classifier:
+        raise ExportError(
+            f"legrad-evaluate scores CLIP-style models (prompts as text); {loaded.model_name} is a "
+            "classifier, not supported there yet"
+        )
     if loaded.vit.explains_head:
         raise ExportError(
             f"legrad-evaluate scores token-mean towers (CLIP ViTs such as ViT-B-16) next to their "

@@ -31,7 +31,7 @@ from legrad_runtime.evaluation import (
 from legrad_runtime.files import ensure_output_folder
 from legrad_runtime.metadata import RESIZE_MODES, Size, format_size
 
-from .cli import IMAGE_SIZE_HELP, RESIZE_MODE_HELP, add_loading_options, image_size_option, load_from_args
+from .cli import IMAGE_SIZE_HELP, add_loading_options, image_size_option, load_from_args
 
 __all__ = ["build_parser", "main"]
 
@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="blocks LeGrad sums: -2 = last two, k = blocks k..L-1, 'all', or '8,10,11' "
         "(default: as the exporter: the model folder's legrad_defaults.json, else -2)",
     )
-    p.add_argument("--resize-mode", choices=RESIZE_MODES, default="squash", help=RESIZE_MODE_HELP)
+    p.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="squash",
+        help="how images are fitted to the input: squash (the default, as the exporter), shortest or longest",
+    )
     p.add_argument(
         "--heatmaps",
         default=None,

@@ -10,8 +10,10 @@ import torch.nn as nn
 from legrad_runtime.metadata import Size, as_size
 
 from .legrad import LeGrad
+from .legrad_classifier import ClassifierLeGrad
 from .legrad_map import MapLeGrad
 from .load import LoadedModel, visual_state_dict
+from .load_classifier import AnyLoaded
 from .towers import stem_module
 from .vit import ExplicitViT
 
@@ -23,6 +25,7 @@ __all__ = [
     "explicit_vit",
     "empty_prompt_embed",
     "example_image_inputs",
+    "example_classifier_inputs",
 ]
 
 EMPTY_PROMPT = "a photo of a"  # the authors' empty prompt of the SigLIP correction
@@ -35,25 +38,27 @@ def empty_prompt_embed(loaded: LoadedModel, prompt: str = EMPTY_PROMPT) -> torch
         return loaded.model.encode_text(loaded.tokenizer([prompt]), normalize=True)[0]
 
 
-def explicit_vit(loaded: LoadedModel, image_size: int | Size) -> ExplicitViT:
+def explicit_vit(loaded: AnyLoaded, image_size: int | Size) -> ExplicitViT:
     """The explicit image tower at `image_size` ((height, width); an int is a square), from copies of
     the model's tensors (and stem)."""
     sd = visual_state_dict(loaded, image_size)
-    return ExplicitViT(loaded.vit, sd, image_size, stem_module(loaded.model, loaded.vit))
+    return ExplicitViT(loaded.vit, sd, image_size, stem_module(loaded.owner, loaded.vit))
 
 
 def build_image_graph(
-    loaded: LoadedModel,
+    loaded: AnyLoaded,
     image_size: int | Size,
     layers: tuple[int, ...],
     correction: bool = True,
     threshold: float = DEFAULT_THRESHOLD,
-) -> LeGrad | MapLeGrad:
+) -> LeGrad | MapLeGrad | ClassifierLeGrad:
     """(pixel_values, text_embeds) → (heatmaps, layer_maps, image_embeds), from copied weights.
 
     `correction` and `threshold` apply to MAP-head towers (SigLIP's empty-prompt correction).
     """
     vit = explicit_vit(loaded, image_size)
+    if loaded.vit.is_classifier:
+        return ClassifierLeGrad(vit, layers).eval()
     if loaded.vit.explains_head:
         empty = empty_prompt_embed(loaded) if correction and loaded.vit.has_correction else None
         return MapLeGrad(vit, layers, empty, threshold).eval()
@@ -73,6 +78,15 @@ class TextGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(input_ids, normalize=True)
+
+
+def example_classifier_inputs(
+    image_size: int | Size, num_classes: int, batch: int, prompts: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random inputs of a classifier's image graph: standardised pixels and class ids."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, *as_size(image_size), generator=gen)
+    return pixels, torch.randint(0, num_classes, (prompts,), generator=gen)
 
 
 def example_image_inputs(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .ops import LayerNorm, activation, activation_derivative, frozen
 from .towers import TowerSpec
 
-__all__ = ["HeadTrace", "TokenMeanHead", "MapHead", "MapTrace", "AttnPoolHead"]
+__all__ = ["HeadTrace", "TokenMeanHead", "ClassifierHead", "MapHead", "MapTrace", "AttnPoolHead"]
 
 
 class HeadTrace(NamedTuple):
@@ -75,6 +75,23 @@ class TokenMeanHead(nn.Module):
         g_f = (text_embed - s.unsqueeze(-1) * trace.f_hat) / trace.f_norm  # (B, E)
         g_u = self.ln_post.backward(g_f @ self.proj.T, trace.u_hat, trace.u_rstd)  # (B, D)
         return g_u / num_tokens
+
+
+class ClassifierHead(TokenMeanHead):
+    """A supervised classifier's head, logits = LN(token 0 or mean) @ Wᵀ + b (`proj` = Wᵀ, (D, C)).
+
+    LeGrad's score of a layer for class c is the raw logit of its token mean (docs/classifiers.md):
+    s = W[c] · LN(u) + b[c], so a prompt is the direction W[c] (D,), and its backward is the
+    LayerNorm's alone: no normalisation, no projection.
+    """
+
+    def directions(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Class ids (P,) int64 → the head's rows W[c], (P, D): ∂ logit_c / ∂ LN(u)."""
+        return self.proj.T[class_ids]
+
+    def backward(self, trace: HeadTrace, direction: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """∂ logit_c / ∂z[i] for one class, given its direction W[c] (D,): (B, D), the same for every i."""
+        return self.ln_post.backward(direction, trace.u_hat, trace.u_rstd) / num_tokens
 
 
 class MapTrace(NamedTuple):

@@ -140,8 +140,17 @@ class LeGrad(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, text_embeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, traces = self.vit.forward_traced(pixel_values, self.layers)
+        tokens, layer_maps = self.layer_maps(pixel_values, text_embeds)
         image_embeds = F.normalize(self.vit.head(tokens), dim=-1)  # (B, E)
+        heatmaps = min_max(upsample(layer_maps.sum(2), self.vit.image_size))  # (B, P, H, W)
+        return heatmaps, layer_maps, image_embeds
+
+    def layer_maps(
+        self, pixel_values: torch.Tensor, prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's tokens (B, N, D) and the raw maps (B, P, L, gh, gw) of every prompt vector
+        (P, ·): a text embedding, or a classifier's head direction (heads.ClassifierHead)."""
+        tokens, traces = self.vit.forward_traced(pixel_values, self.layers)
         preps = [
             self._prepare(self.vit, self.vit.blocks[i], weights, trace)
             for i, weights, trace in zip(self.layers, self.backward_weights, traces)
@@ -157,11 +166,9 @@ class LeGrad(nn.Module):
         # one prompt at a time, so per-prompt memory stays flat as P grows: an ONNX Scan when traced;
         # a plain loop in eager mode, where scan would run through dynamo on every call (slow)
         if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-            _, maps = scan(one_prompt, torch.zeros((), dtype=torch.int64), text_embeds)  # (P, B, L, N-R)
+            _, maps = scan(one_prompt, torch.zeros((), dtype=torch.int64), prompts)  # (P, B, L, N-R)
         else:
             count = torch.zeros((), dtype=torch.int64)
-            maps = torch.stack([one_prompt(count, t)[1] for t in text_embeds])  # (P, B, L, N-R)
+            maps = torch.stack([one_prompt(count, t)[1] for t in prompts])  # (P, B, L, N-R)
         B, (gh, gw) = pixel_values.shape[0], self.vit.grid
-        layer_maps = maps.transpose(0, 1).reshape(B, -1, len(self.layers), gh, gw)  # (B, P, L, gh, gw)
-        heatmaps = min_max(upsample(layer_maps.sum(2), self.vit.image_size))  # (B, P, H, W)
-        return heatmaps, layer_maps, image_embeds
+        return tokens, maps.transpose(0, 1).reshape(B, -1, len(self.layers), gh, gw)  # (B, P, L, gh, gw)

@@ -105,10 +105,16 @@ class LoadedModel:
     context_length: int
     defaults: ModelDefaults = ModelDefaults()
 
-    def preprocess_cfg(self, size: int | Size, resize_mode: str) -> PreprocessCfg:
-        """The runtime's preprocessing for this model at `size` (ValueError on a bad resize_mode)."""
+    def preprocess_cfg(self, size: int | Size, resize_mode: str | None = None) -> PreprocessCfg:
+        """The runtime's preprocessing for this model at `size` (ValueError on a bad resize_mode);
+        None: 'squash', as LeGrad's demos fit images."""
         pre = self.preprocess
-        return PreprocessCfg(size, pre["mean"], pre["std"], pre["interpolation"], resize_mode)
+        return PreprocessCfg(size, pre["mean"], pre["std"], pre["interpolation"], resize_mode or "squash")
+
+    @property
+    def owner(self) -> nn.Module:
+        """What the tower adapters read: a module whose `.visual` is the image tower."""
+        return self.model
 
     @property
     def logit_scale(self) -> float:
@@ -306,4 +312,4 @@ def visual_state_dict(loaded: LoadedModel, image_size: int | Size | None = None)
     for input of `image_size` px ((height, width) or a square's side; default: the model's own)."""
     patch = loaded.vit.patch_size
     grid = None if image_size is None else tuple(side // patch for side in as_size(image_size))
-    return canonical_state_dict(loaded.model, loaded.vit, grid)
+    return canonical_state_dict(loaded.owner, loaded.vit, grid)

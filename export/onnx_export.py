@@ -25,6 +25,7 @@ from legrad_runtime import __version__
 from legrad_runtime.errors import ExportError
 from legrad_runtime.files import ensure_output_folder
 from legrad_runtime.metadata import (
+    CLASSIFIER_GRAPH,
     IMAGE_GRAPH,
     METADATA_FILE,
     ONNX_METADATA_KEY,
@@ -41,12 +42,20 @@ from legrad_runtime.metadata import (
 )
 from legrad_runtime.session import PROMPT_LOOP_KEY
 
-from .graphs import DEFAULT_THRESHOLD, EMPTY_PROMPT, TextGraph, build_image_graph, example_image_inputs
+from .graphs import (
+    DEFAULT_THRESHOLD,
+    EMPTY_PROMPT,
+    TextGraph,
+    build_image_graph,
+    example_classifier_inputs,
+    example_image_inputs,
+)
 from .layers import resolve_layers
-from .load import OPEN_CLIP_VERSION, LoadedModel, default_layer_spec
+from .load import OPEN_CLIP_VERSION, default_layer_spec
+from .load_classifier import AnyLoaded
 from .memory import check_fits
 from .text_tokenizer import write_tokenizer
-from .verify import VERIFY_PROMPTS, verify_export
+from .verify import VERIFY_PROMPTS, verify_classifier_export, verify_export
 
 __all__ = ["ExportSettings", "export_model", "check_output_root", "model_folder_name"]
 
@@ -57,14 +66,15 @@ _TWO_GB = 2**31 - 2**24  # protobuf's limit, with room for the graph itself
 class ExportSettings:
     image_size: int | Size | None = None  # (height, width) or a square's side; None: the model's native size
     layers: int | str | tuple[int, ...] | None = None  # None: the model's recommendation, else DEFAULT_LAYERS
-    resize_mode: str = "squash"  # how the runtime fits images to the input (LeGrad's demos squash)
+    resize_mode: str | None = None  # how the runtime fits images; None: 'squash' for CLIP-style models
+    #   (LeGrad's demos), a classifier's own preprocessing ('shortest' with its crop) for classifiers
     verify: bool = True
     overwrite: bool = False
     correction: bool = True  # MAP-head towers: the authors' empty-prompt correction
     correction_threshold: float = DEFAULT_THRESHOLD
 
 
-def model_folder_name(loaded: LoadedModel, image_size: int | Size) -> str:
+def model_folder_name(loaded: AnyLoaded, image_size: int | Size) -> str:
     """MODEL__PRETRAINED__SIZE, SIZE '448' for a square, 'WIDTHxHEIGHT' ('448x336') otherwise."""
     name = loaded.model_name.split(":", 1)[-1].rstrip("/").split("/")[-1]
     pretrained = Path(loaded.pretrained).stem if "." in loaded.pretrained else loaded.pretrained
@@ -80,7 +90,7 @@ def check_output_root(out_root: Path) -> None:
 
 
 def resolve_image_size(
-    loaded: LoadedModel, image_size: int | Size | None, batch: int = 2, runs_graph: bool = True
+    loaded: AnyLoaded, image_size: int | Size | None, batch: int = 2, runs_graph: bool = True
 ) -> Size:
     """The export size (height, width): the model's own when None; each side a positive multiple of
     the patch, and the whole fitting in memory.
@@ -94,8 +104,8 @@ def resolve_image_size(
         size = native if image_size is None else as_size(image_size)
     except ValueError:
         raise ExportError(
-            f"image size {image_size!r} must be a positive multiple of the patch size {patch}, or "
-            "(height, width) of two"
+            f"image size {image_size!r} must be an integer or (height, width), each side a positive "
+            f"multiple of the patch size {patch}"
         ) from None
     for side in size:
         if side <= 0 or side % patch and not (size == native and loaded.vit.head == "map"):
@@ -155,7 +165,7 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 def export_model(
-    loaded: LoadedModel,
+    loaded: AnyLoaded,
     out_root: str | Path,
     settings: ExportSettings = ExportSettings(),
     on_stage: Callable[[str], None] | None = None,
@@ -184,7 +194,8 @@ def export_model(
         image_graph = build_image_graph(
             loaded, size, layers, settings.correction, settings.correction_threshold
         )
-        text_graph = TextGraph(loaded)
+        classifier = loaded.vit.is_classifier
+        text_graph = None if classifier else TextGraph(loaded)
         grid = (size[0] // loaded.vit.patch_size, size[1] // loaded.vit.patch_size)
         tower = loaded.vit
         correction = (
@@ -194,16 +205,20 @@ def export_model(
         )
 
         stage("trace")
-        image_proto = _trace(image_graph, example_image_inputs(size, loaded.vit.embed_dim, 2, 2), IMAGE_GRAPH)
-        ids = loaded.tokenizer(list(VERIFY_PROMPTS[:2]))
-        text_proto = _trace(text_graph, (ids,), TEXT_GRAPH)
+        if classifier:
+            example = example_classifier_inputs(size, loaded.vit.embed_dim, 2, 2)
+            image_proto, text_proto = _trace(image_graph, example, CLASSIFIER_GRAPH), None
+        else:
+            example = example_image_inputs(size, loaded.vit.embed_dim, 2, 2)
+            image_proto = _trace(image_graph, example, IMAGE_GRAPH)
+            text_proto = _trace(text_graph, (loaded.tokenizer(list(VERIFY_PROMPTS[:2])),), TEXT_GRAPH)
         opset = next(o.version for o in image_proto.opset_import if o.domain in ("", "ai.onnx"))
 
         meta = ModelMetadata(
             model_name=loaded.model_name,
             pretrained=loaded.pretrained,
             checkpoint_sha256=loaded.checkpoint_sha256,
-            open_clip_version=OPEN_CLIP_VERSION,
+            open_clip_version=loaded.library_version if classifier else OPEN_CLIP_VERSION,
             exporter_version=__version__,
             torch_version=torch.__version__,
             opset=opset,
@@ -221,8 +236,9 @@ def export_model(
             tower=TowerCfg(tower.family, tower.head, tower.prefix_tokens, grid),
             correction=correction,
             preprocess=preprocess,
-            tokenizer=write_tokenizer(loaded, tmp),
+            tokenizer=None if classifier else write_tokenizer(loaded, tmp),
             vocabulary=loaded.defaults.vocabulary,
+            classes=loaded.classes if classifier else None,
             extra={
                 "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 PROMPT_LOOP_KEY: True,  # per-prompt memory is flat in P (a scan; MAP heads: tiny per prompt)
@@ -232,8 +248,12 @@ def export_model(
         stage("check")
         embedded = meta.to_json(embedded=True)
         _save(image_proto, tmp / IMAGE_GRAPH.filename, embedded, _param_bytes(image_graph))
-        _save(text_proto, tmp / TEXT_GRAPH.filename, embedded, _param_bytes(text_graph))
-        if settings.verify:
+        if text_proto is not None:
+            _save(text_proto, tmp / TEXT_GRAPH.filename, embedded, _param_bytes(text_graph))
+        if settings.verify and classifier:
+            diffs = verify_classifier_export(tmp, loaded, size, layers)
+            meta = replace(meta, extra={**meta.extra, "verification_max_abs_diff": diffs})
+        elif settings.verify:
             empty = getattr(image_graph, "empty_embed", None)
             diffs = verify_export(
                 tmp,

@@ -1,5 +1,7 @@
 """The autograd LeGrad reference for supervised ViT classifiers: docs/classifiers.md's rule on the
-UNTOUCHED torchvision `VisionTransformer`, the counterpart of torchcam 0.5.0's `LeGrad`.
+UNTOUCHED torchvision `VisionTransformer` (the counterpart of torchcam 0.5.0's `LeGrad`) or timm
+`VisionTransformer` (torchcam refuses timm; the same rule with timm's names: the tower's final norm,
+`norm` or `fc_norm`, and its classifier `head`).
 
 For each explained block l and class c, the score is the raw logit of the block's token mean,
 `heads(encoder.ln(mean_i z_l[i]))[c]`; the map is the positive part of its gradient with respect to
@@ -22,10 +24,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from .layers import resolve_layers
+from .reference import timm_trunk_at
+from .reference_timm import _block_with_attention as _timm_block_with_attention
 
-__all__ = ["ClassifierLeGradOutput", "legrad_reference_torchvision", "TORCHCAM_EPS"]
+__all__ = [
+    "ClassifierLeGradOutput",
+    "legrad_reference_classifier",
+    "legrad_reference_torchvision",
+    "legrad_reference_timm_classifier",
+    "TORCHCAM_EPS",
+]
 
 TORCHCAM_EPS = 1e-8  # torchcam's `_normalize`: (M - min) / (max - min + eps)
 
@@ -65,23 +76,33 @@ def legrad_reference_torchvision(
     layers: int | str | Sequence[int] = -2,
 ) -> ClassifierLeGradOutput:
     """LeGrad maps for B images × P classes of a torchvision `VisionTransformer` (eval mode),
-    `pixel_values` (B, 3, S, S) at the model's own size, preprocessed; `class_ids` (P,) int."""
+    `pixel_values` (B, 3, H, W) preprocessed, H and W multiples of the patch; `class_ids` (P,) int.
+
+    At another size than the model's own (torchvision itself refuses one) the positional embedding
+    is resampled into a new tensor, bicubic and antialiased, as timm's `resample_abs_pos_embed`."""
     if model.training:
         raise ValueError("put the model in eval mode (model.eval()): dropout would make the maps random")
-    size = model.image_size
-    if tuple(pixel_values.shape[-2:]) != (size, size):
-        raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}; this model takes {size}×{size}")
+    patch, native = model.patch_size, model.image_size // model.patch_size
+    height, width = pixel_values.shape[-2:]
+    if height % patch or width % patch:
+        raise ValueError(
+            f"pixel_values are {height}×{width}; each side must be a multiple of the patch {patch}"
+        )
+    grid = (height // patch, width // patch)
     classes = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
     blocks = list(model.encoder.layers)
     chosen = resolve_layers(layers, len(blocks))
-    patch = model.patch_size
-    grid = size // patch
 
     with torch.no_grad():
-        logits = model(pixel_values)
-        x = model._process_input(pixel_values)  # (B, gh·gw, D)
+        pos = model.encoder.pos_embedding
+        if grid != (native, native):
+            pos = resample_abs_pos_embed(
+                pos, new_size=list(grid), old_size=[native, native], num_prefix_tokens=1, antialias=True
+            )
+        x = F.conv2d(pixel_values, model.conv_proj.weight, model.conv_proj.bias, stride=patch)
+        x = x.flatten(2).transpose(1, 2)  # (B, gh·gw, D), as torchvision's _process_input
         x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = model.encoder.dropout(x + model.encoder.pos_embedding)
+        x = model.encoder.dropout(x + pos)
     outputs, attentions = {}, {}
     for i, block in enumerate(blocks):
         if i in chosen:
@@ -91,6 +112,8 @@ def legrad_reference_torchvision(
         else:
             with torch.no_grad():
                 x = block(x)
+    with torch.no_grad():
+        logits = model.heads(model.encoder.ln(x)[:, 0])  # the model's own output, at any size
 
     per_layer = []
     for i in chosen:
@@ -99,10 +122,65 @@ def legrad_reference_torchvision(
             maps = []
             for c in classes.tolist():
                 (grad,) = torch.autograd.grad(scores[:, c].sum(), attentions[i], retain_graph=True)
-                maps.append(grad.clamp(min=0).mean(dim=(1, 2))[:, 1:].reshape(-1, grid, grid))
-        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, g, g)
+                maps.append(grad.clamp(min=0).mean(dim=(1, 2))[:, 1:].reshape(-1, *grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, gh, gw)
 
-    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, g, g)
+    return _aggregate(per_layer, patch, logits, chosen)
+
+
+def _aggregate(per_layer: list[torch.Tensor], patch: int, logits, chosen) -> ClassifierLeGradOutput:
+    layer_maps = torch.stack(per_layer, dim=2)  # (B, P, L, gh, gw)
     maps = _min_max(layer_maps.mean(dim=2))
     heatmaps = F.interpolate(maps, scale_factor=patch, mode="bilinear", align_corners=False)
     return ClassifierLeGradOutput(maps, heatmaps, layer_maps, logits, chosen)
+
+
+def legrad_reference_timm_classifier(
+    model,
+    pixel_values: torch.Tensor,
+    class_ids: torch.Tensor | Sequence[int],
+    layers: int | str | Sequence[int] = -2,
+) -> ClassifierLeGradOutput:
+    """LeGrad maps for B images × P classes of a timm ViT classifier pooled by its class token or the
+    token mean (eval mode), `pixel_values` (B, 3, H, W); at another size than the model's own, of a
+    deep copy resized by timm's `set_input_size` (the model is not touched)."""
+    if model.training:
+        raise ValueError("put the model in eval mode (model.eval()): dropout would make the maps random")
+    trunk = timm_trunk_at(model, tuple(pixel_values.shape[-2:]))
+    classes = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
+    chosen = resolve_layers(layers, len(trunk.blocks))
+    grid = tuple(trunk.patch_embed.grid_size)
+    final_norm = trunk.fc_norm if isinstance(trunk.norm, torch.nn.Identity) else trunk.norm
+
+    with torch.no_grad():
+        logits = trunk(pixel_values)
+        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixel_values))))
+    outputs, attentions = {}, {}
+    for i, block in enumerate(trunk.blocks):
+        if i in chosen:
+            with torch.enable_grad():
+                x, attentions[i] = _timm_block_with_attention(block, x)
+            outputs[i] = x
+        else:
+            with torch.no_grad():
+                x = block(x)
+
+    prefix, per_layer = trunk.num_prefix_tokens, []
+    for i in chosen:
+        with torch.enable_grad():
+            scores = trunk.head(final_norm(outputs[i].mean(dim=1)))  # (B, C) raw logits
+            maps = []
+            for c in classes.tolist():
+                (grad,) = torch.autograd.grad(scores[:, c].sum(), attentions[i], retain_graph=True)
+                maps.append(grad.clamp(min=0).mean(dim=(1, 2))[:, prefix:].reshape(-1, *grid))
+        per_layer.append(torch.stack(maps, dim=1).detach())  # (B, P, gh, gw)
+    return _aggregate(per_layer, pixel_values.shape[-1] // grid[1], logits, chosen)
+
+
+def legrad_reference_classifier(model, pixel_values, class_ids, layers=-2) -> ClassifierLeGradOutput:
+    """The reference of the classifier's library: torchvision or timm."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return legrad_reference_torchvision(model, pixel_values, class_ids, layers)
+    return legrad_reference_timm_classifier(model, pixel_values, class_ids, layers)

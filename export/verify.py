@@ -12,16 +12,16 @@ import onnxruntime as ort
 import torch
 
 from legrad_runtime.errors import VerificationError
-from legrad_runtime.metadata import IMAGE_GRAPH, TEXT_GRAPH
+from legrad_runtime.metadata import CLASSIFIER_GRAPH, IMAGE_GRAPH, TEXT_GRAPH
 
-from .graphs import example_image_inputs
+from .graphs import example_classifier_inputs, example_image_inputs
 from .load import LoadedModel
 from .reference import LeGradOutput, legrad_reference
 from .reference_coca import legrad_reference_coca
 from .reference_siglip import legrad_reference_siglip
 from .reference_timm import legrad_reference_timm
 
-__all__ = ["VERIFY_PROMPTS", "reference", "verify_export"]
+__all__ = ["VERIFY_PROMPTS", "reference", "verify_export", "verify_classifier_export"]
 
 VERIFY_PROMPTS = ("a photo of a cat", "a remote control", "two dogs playing in the snow, at night!")
 
@@ -71,9 +71,34 @@ def verify_export(
     with torch.no_grad():
         expected["text_embeds"] = loaded.model.encode_text(ids, normalize=True)
 
-    diffs, failures = {}, []
     outputs = dict(zip(IMAGE_GRAPH.output_names, got)) | dict(zip(TEXT_GRAPH.output_names, got_text))
-    for spec in IMAGE_GRAPH.outputs + TEXT_GRAPH.outputs:
+    return _compare(IMAGE_GRAPH.outputs + TEXT_GRAPH.outputs, outputs, expected)
+
+
+def verify_classifier_export(
+    folder: Path,
+    loaded,
+    image_size: int | tuple[int, int],
+    layers: tuple[int, ...],
+    batch: int = 2,
+    prompts: int = 3,
+) -> dict[str, float]:
+    """A classifier's image graph under onnxruntime against its library's autograd reference."""
+    from .reference_classifier import legrad_reference_classifier
+
+    pixels, class_ids = example_classifier_inputs(image_size, loaded.vit.embed_dim, batch, prompts, seed=1234)
+    got = _session(folder / CLASSIFIER_GRAPH.filename).run(
+        CLASSIFIER_GRAPH.output_names, {"pixel_values": pixels.numpy(), "class_ids": class_ids.numpy()}
+    )
+    ref = legrad_reference_classifier(loaded.model, pixels, class_ids, layers)
+    expected = {"heatmaps": ref.heatmaps, "layer_maps": ref.layer_maps, "logits": ref.logits}
+    return _compare(CLASSIFIER_GRAPH.outputs, dict(zip(CLASSIFIER_GRAPH.output_names, got)), expected)
+
+
+def _compare(specs, outputs: dict[str, np.ndarray], expected: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max abs difference of every output; one VerificationError listing each one over its tolerance."""
+    diffs, failures = {}, []
+    for spec in specs:
         want = expected[spec.name].detach().numpy()
         have = outputs[spec.name]
         if have.shape != want.shape:

@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 
 from legrad_runtime.metadata import Size, as_size
 
-from .heads import AttnPoolHead, MapHead, TokenMeanHead
+from .heads import AttnPoolHead, ClassifierHead, MapHead, TokenMeanHead
 from .ops import LayerNorm, activation, frozen
 from .towers import TowerSpec
 
@@ -224,7 +224,7 @@ class ExplicitViT(nn.Module):
             self.rope = Rope(sd["rope"], spec.prefix_tokens)
         self.blocks = nn.ModuleList(Block(spec, sd, f"blocks.{i}.") for i in range(spec.num_layers))
         heads = {"map": MapHead, "attn_pool": AttnPoolHead, "token_mean": TokenMeanHead}
-        self.head = heads[spec.head](spec, sd)
+        self.head = (ClassifierHead if spec.is_classifier else heads[spec.head])(spec, sd)
 
     @property
     def num_tokens(self) -> int:

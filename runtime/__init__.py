@@ -3,6 +3,8 @@
 from legrad_runtime import load
 model = load("models/ViT-B-16__laion2b_s34b_b88k__448")
 result = model.explain(["cat.jpg"], ["a photo of a cat", "a remote control"])
+classifier = load("models/torchvision-vit_b_16__IMAGENET1K_V1__224")  # an ImageNet ViT
+result = classifier.explain(["cat.jpg"], classes=["tabby cat", 281])   # or classes="top-5"
 """
 
 from .errors import (

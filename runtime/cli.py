@@ -1,10 +1,13 @@
 """`legrad`: heatmaps from an exported model folder, torch-free.
 
     legrad explain MODEL_DIR photos/*.jpg -p "a cat" -p "a remote control" --out out/
+    legrad explain CLASSIFIER_DIR photos/*.jpg -c "tabby cat" -c 285    # or --top-k 3
     legrad info MODEL_DIR
 
 Every output lands inside --out: OUT/<image>/<prompt>.png (names made safe and unique),
-OUT/scores.csv, and OUT/prompts.csv mapping each file name back to its prompt. Exit codes: 0 done,
+OUT/scores.csv, and OUT/prompts.csv mapping each file name back to its prompt. A classifier's files
+are named by class (its first synonym: OUT/<image>/tabby.png), and OUT/scores.csv names each file's
+class id, class and probability. Exit codes: 0 done,
 1 some images skipped (each named on stderr), 2 bad input (one line on stderr), 3 internal error,
 130 Ctrl-C, 143 SIGTERM.
 """
@@ -24,11 +27,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .classes import short_name
 from .cli_runner import EXIT_OK, EXIT_PARTIAL, add_max_pixels_option, max_pixels_from, run_main, say
 from .errors import LegradError
 from .files import ensure_output_folder, printable, safe_name
 from .metadata import ModelMetadata, default_tower, read_metadata
-from .session import DEVICES, load
+from .session import DEVICES, Explanation, LeGradModel, load
 from .visualize import COLORMAPS, save_png
 
 __all__ = ["main", "build_parser", "find_images"]
@@ -37,6 +41,7 @@ PROG = "legrad"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SCORES_FILE, PROMPTS_FILE = "scores.csv", "prompts.csv"
 _RESERVED = {SCORES_FILE, PROMPTS_FILE}
+_SHOWN_CLASSES = 5  # class names `legrad info` shows
 
 
 class UsageError(LegradError):
@@ -56,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also explain every prompt formed from the model's vocabulary (see `legrad info`)",
     )
+    ex.add_argument(
+        "-c",
+        "--class",
+        action="append",
+        dest="classes",
+        metavar="NAME|ID",
+        help="a classifier's class, by name or synonym ('tabby cat') or id (281); repeat for more",
+    )
+    ex.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="a classifier: each image's K most likely classes",
+    )
     ex.add_argument("--out", default="legrad_out", help="output folder (default: legrad_out)")
     ex.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA when available")
     ex.add_argument("--batch-size", type=int, default=None, help="images per call (default: from memory)")
@@ -70,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a model folder's metadata")
     info.add_argument("model_dir")
     info.add_argument("--json", action="store_true", help="print the raw metadata JSON")
+    info.add_argument("--classes", action="store_true", help="a classifier: list every class, 'id<TAB>name'")
     return p
 
 
@@ -101,6 +122,15 @@ def _unique(name: str, used: set[str]) -> str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    asked_classes = bool(args.classes) or args.top_k is not None
+    if asked_classes and (args.prompts or args.vocabulary):
+        raise UsageError(
+            "-p/--vocabulary are for CLIP models, -c/--top-k for classifiers; pass one kind, not both"
+        )
+    if args.classes and args.top_k is not None:
+        raise UsageError("pass classes with -c or ask for each image's most likely with --top-k, not both")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be a positive integer, not {args.top_k}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, not {args.batch_size}")
     if not 0.0 <= args.alpha <= 1.0:
@@ -118,16 +148,28 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
+def _classifier_usage(model_dir: str, asked: str) -> UsageError:
+    return UsageError(
+        f"{printable(model_dir)} is a classifier: it is explained for classes, not {asked}; pass "
+        '-c NAME|ID (repeatable, e.g. -c "tabby cat" -c 281) or --top-k K'
+    )
+
+
 def _explain(args: argparse.Namespace) -> int:
     _check_args(args)
     args.prompts = list(args.prompts or [])
     if args.vocabulary:
-        vocabulary = read_metadata(args.model_dir).vocabulary
-        if vocabulary is None:
+        meta = read_metadata(args.model_dir)
+        if meta.is_classifier:
+            raise _classifier_usage(args.model_dir, "--vocabulary")
+        if meta.vocabulary is None:
             raise UsageError(f"{args.model_dir} has no vocabulary (see `legrad info`); give prompts with -p")
-        args.prompts = list(dict.fromkeys(args.prompts + vocabulary.prompts()))
-    if not args.prompts:
-        raise UsageError('give at least one prompt with -p, e.g. -p "a photo of a cat"')
+        args.prompts = list(dict.fromkeys(args.prompts + meta.vocabulary.prompts()))
+    if not args.prompts and not args.classes and args.top_k is None:
+        raise UsageError(
+            'give at least one prompt with -p, e.g. -p "a photo of a cat" (for a classifier: -c NAME|ID '
+            "or --top-k K)"
+        )
     images = find_images(args.images)
     if not images:
         raise UsageError(f"no image files found in {' '.join(args.images)}")
@@ -136,6 +178,15 @@ def _explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model = _load_model(args)
+    if model.is_classifier and args.prompts:
+        raise _classifier_usage(args.model_dir, "text prompts (-p)")
+    if not model.is_classifier and (args.classes or args.top_k is not None):
+        raise UsageError(
+            f"{printable(args.model_dir)} is a CLIP model: it is explained for text prompts, not classes; "
+            'pass -p PROMPT, e.g. -p "a photo of a cat" (-c and --top-k are for classifiers)'
+        )
+    if model.is_classifier:
+        return _explain_classes(args, model, images, out)
     used: set[str] = set()
     names = [_unique(safe_name(p, "prompt"), used) for p in args.prompts]
     failed, rows, image_dirs = 0, [], set()
@@ -168,6 +219,67 @@ def _explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _class_request(args: argparse.Namespace, model: LeGradModel) -> list[int] | str:
+    """The ids -c names (a decimal number is an id), or 'top-K'; PromptError names a bad class."""
+    if model.class_index is None:  # not a classifier: the caller checked
+        raise UsageError("-c and --top-k are for classifiers")
+    if args.top_k is not None:
+        if args.top_k > len(model.class_index):
+            raise UsageError(
+                f"--top-k {args.top_k} is more than this model's {len(model.class_index):,} classes"
+            )
+        return f"top-{args.top_k}"
+    wanted = [int(c) if c.strip().isdecimal() and c.strip().isascii() else c for c in args.classes]
+    return model.class_index.resolve(wanted)
+
+
+def _explain_classes(args: argparse.Namespace, model: LeGradModel, images: list[Path], out: Path) -> int:
+    """`legrad explain` on a classifier: OUT/<image>/<class>.png per map, scores.csv per file."""
+    request = _class_request(args, model)
+    failed, rows, image_dirs = 0, [], set()
+    with tqdm(total=len(images), unit="image", desc="explain", disable=None, file=sys.stderr) as bar:
+        for batch in model.explain_batches(
+            images, classes=request, batch_size=args.batch_size, on_error="skip"
+        ):
+            for failure in batch.failures:
+                tqdm.write(f"{PROG}: skipped: {printable(failure.error)}", file=sys.stderr)
+            failed += len(batch.failures)
+            rows += _write_class_maps(args, batch, out, image_dirs)
+            bar.update(len(batch.sources) + len(batch.failures))
+    done = len(images) - failed
+    if done == 0:
+        raise UsageError(f"none of the {len(images)} image(s) could be read (each is named above)")
+    header = ["image", "folder", "file", "class_id", "class", "probability", "logit"]
+    _write_csv(out / SCORES_FILE, header, rows)
+    print(f"wrote {len(rows)} overlays for {done} image(s) to {printable(out)}")
+    if failed:
+        say(PROG, "warning", f"{failed} of {len(images)} image(s) could not be read and were skipped")
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _write_class_maps(args: argparse.Namespace, batch: Explanation, out: Path, image_dirs: set[str]) -> list:
+    """Each image's overlays (and figures, maps), one per class, named by the class; scores.csv rows."""
+    class_ids = batch.class_ids if batch.class_ids is not None else np.zeros((0, 0), np.int64)
+    probs, logits, rows = batch.probabilities, batch.similarities, []
+    for b, source in enumerate(batch.sources):
+        folder = out / _unique(safe_name(Path(source).stem, "image"), image_dirs)
+        folder.mkdir(exist_ok=True)
+        used: set[str] = set()
+        for p in range(len(batch.prompts)):
+            label = batch.label(b, p)
+            name = _unique(safe_name(short_name(label), "class"), used)
+            save_png(batch.overlay(b, p, cmap=args.cmap, alpha=args.alpha), folder / f"{name}.png")
+            if args.layers_figure:
+                save_png(batch.layer_figure(b, p, cmap=args.cmap), folder / f"{name}__layers.png")
+            score = (int(class_ids[b, p]), label, float(probs[b, p]), float(logits[b, p]))
+            rows.append((source, folder.name, f"{name}.png", *score))
+        if args.save_npy:
+            maps = np.stack([batch.heatmap_on_original(b, p) for p in range(len(batch.prompts))])
+            np.save(folder / "heatmaps.npy", maps)  # (P, H, W) on the original image, in the rows' order
+    return rows
+
+
 def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[object]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -185,19 +297,19 @@ def _summary(m: ModelMetadata) -> str:
     """The metadata for people; every string from the folder printed safely (no escapes, one line)."""
     pre, q = m.preprocess, printable
     t = m.tower or default_tower(m.grid_size)  # never None: ModelMetadata fills it in
+    source = "from" if m.is_classifier else "open_clip"  # a classifier's: its library and version
     lines = [
         f"model        {q(m.model_name)}  (pretrained: {q(m.pretrained)})",
         f"input        {_by(m.image_size)} px, patch {m.patch_size}, grid {_by(m.grid_size)}"
         + ("" if m.image_size[0] == m.image_size[1] else " (width×height)")
-        + f", resize {pre.resize_mode}/{pre.interpolation}",
+        + f", resize {pre.resize_mode}/{pre.interpolation}"
+        + ("" if pre.crop_pct == 1 else f", crop_pct {pre.crop_pct:g}"),
         f"layers       {', '.join(map(str, m.layers))} of {m.num_layers}  (width {m.width}, {m.heads} heads, "
         f"{m.activation})",
         f"tower        {q(t.family)}, head {q(t.head)}, "
         f"{'a class token' if t.prefix_tokens else 'no class token'}",
-        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}"
-        + ("" if m.logit_bias is None else f", logit bias {m.logit_bias:.2f} (sigmoid scores)")
-        + f"; tokenizer {q(m.tokenizer.kind)}, context {m.tokenizer.context_length}",
-        f"exported by  legrad-onnx {q(m.exporter_version)}, open_clip {q(m.open_clip_version)}, torch "
+        _outputs(m),
+        f"exported by  legrad-onnx {q(m.exporter_version)}, {source} {q(m.open_clip_version)}, torch "
         f"{q(m.torch_version)}, opset {m.opset}; schema v{m.schema_version}",
     ]
     if (c := m.correction) is not None:  # after the tower line
@@ -218,8 +330,29 @@ def _summary(m: ModelMetadata) -> str:
     return "\n".join(lines)
 
 
+def _outputs(m: ModelMetadata) -> str:
+    """The summary's line on what the model compares: embeddings and a tokenizer, or classes."""
+    if m.classes is not None or m.tokenizer is None:
+        classes = m.classes or ()
+        shown = ", ".join(printable(short_name(c)) for c in classes[:_SHOWN_CLASSES])
+        more = ", … (`legrad info --classes` lists all)" if len(classes) > _SHOWN_CLASSES else ""
+        return f"classifier   {len(classes):,} classes: {shown}{more}; softmax probabilities"
+    return (
+        f"embeddings   {m.embed_dim}-d, logit scale {m.logit_scale:.2f}"
+        + ("" if m.logit_bias is None else f", logit bias {m.logit_bias:.2f} (sigmoid scores)")
+        + f"; tokenizer {printable(m.tokenizer.kind)}, context {m.tokenizer.context_length}"
+    )
+
+
 def _info(args: argparse.Namespace) -> int:
     meta = read_metadata(args.model_dir)
+    if args.classes:
+        if meta.classes is None:
+            raise UsageError(
+                f"{printable(args.model_dir)} is a CLIP model, not a classifier: it has no classes"
+            )
+        print("\n".join(f"{i}\t{printable(name)}" for i, name in enumerate(meta.classes)))
+        return EXIT_OK
     # json.dumps escapes every control character (ensure_ascii), so the JSON is safe to print too
     print(json.dumps(meta.to_dict(), indent=2) if args.json else _summary(meta))
     return EXIT_OK

@@ -29,7 +29,9 @@ __all__ = [
     "TensorSpec",
     "GraphSpec",
     "IMAGE_GRAPH",
+    "CLASSIFIER_GRAPH",
     "TEXT_GRAPH",
+    "image_graph_spec",
     "PreprocessCfg",
     "TokenizerCfg",
     "HFSettings",
@@ -54,8 +56,9 @@ __all__ = [
     "verify_files",
 ]
 
-SCHEMA_VERSION = 4  # v4: [height, width] sizes, resize_mode 'longest'; v3: tokenizer.hf, tower, correction,
-#   logit_bias; v2: vocabulary; v1 to v3 (square sizes as integers) still read
+# v4: [height, width] sizes, resize_mode 'longest', classifiers (classes, crop_pct); v3: tokenizer.hf,
+# tower, correction, logit_bias; v2: vocabulary; v1 to v3 (square sizes as integers) still read
+SCHEMA_VERSION = 4
 METADATA_FILE = "legrad.json"
 ONNX_METADATA_KEY = "legrad.metadata"  # the same JSON inside each ONNX file, minus `files` and `extra`
 
@@ -64,7 +67,8 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")  # open_clip's text cleaning, by name
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")  # gelu_tanh: the tanh approximation (SigLIP's MLP)
 SIDES = ("right", "left")  # padding and truncation sides of a Hugging Face tokenizer
-TOWER_FAMILIES = ("openclip_vit", "timm_vit", "timm_eva")  # which exporter adapter read the image tower
+# which exporter adapter read the image tower (torchvision_vit: a torchvision ImageNet classifier, v4)
+TOWER_FAMILIES = ("openclip_vit", "timm_vit", "timm_eva", "torchvision_vit")
 TOWER_HEADS = ("token_mean", "map", "attn_pool")  # how the tower pools; see TowerCfg
 PREFIX_TOKENS = (0, 1)  # a class token or none
 DEFAULT_CORRECTION_PROMPT = "a photo of a"
@@ -77,6 +81,7 @@ MAX_CONTEXT_LENGTH = 4096
 MAX_FILES = 64
 MAX_VOCABULARY_SLOTS = 8
 MAX_VOCABULARY_PROMPTS = 4096  # prompts `--vocabulary` may form: each is a heatmap per image
+MAX_CLASSES = 100_000  # a classifier's classes (ImageNet-21k has 21,843)
 
 
 Size = tuple[int, int]  # (height, width) in pixels or grid cells, as open_clip and torch order them
@@ -158,6 +163,21 @@ IMAGE_GRAPH = GraphSpec(
     dynamic_axes=("batch", "prompts"),
 )
 
+CLASSIFIER_GRAPH = GraphSpec(  # a supervised classifier's image graph: class ids instead of text (v4)
+    role="classifier_graph",
+    filename="legrad_image.onnx",
+    inputs=(
+        TensorSpec("pixel_values", "float32", ("batch", 3, "height", "width")),
+        TensorSpec("class_ids", "int64", ("prompts",)),
+    ),
+    outputs=(
+        TensorSpec("heatmaps", "float32", ("batch", "prompts", "height", "width"), atol=1e-4),
+        TensorSpec("layer_maps", "float32", ("batch", "prompts", "layers", "grid_h", "grid_w"), atol=1e-4),
+        TensorSpec("logits", "float32", ("batch", "embed_dim"), atol=1e-4),
+    ),
+    dynamic_axes=("batch", "prompts"),
+)
+
 TEXT_GRAPH = GraphSpec(
     role="text_graph",
     filename="text.onnx",
@@ -185,11 +205,19 @@ class PreprocessCfg:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize_mode: str = "squash"
+    crop_pct: float = 1.0  # v4, 'shortest' at a square size only: the shorter side goes to
+    #   floor(size / crop_pct), then the centre crop (timm's crop_pct; torchvision's resize 256, crop 224)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", as_size(self.size))
         if min(self.size) < 1:
             raise ValueError(f"preprocess size must be positive, not {self.size!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"preprocess crop_pct must be in (0, 1], not {self.crop_pct!r}")
+        if self.crop_pct != 1 and (self.resize_mode != "shortest" or self.size[0] != self.size[1]):
+            raise ValueError(
+                "preprocess crop_pct below 1 is for resize_mode 'shortest' at a square size only"
+            )
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unsupported resize_mode {self.resize_mode!r}; expected one of {RESIZE_MODES}")
         if self.interpolation not in INTERPOLATIONS:
@@ -380,14 +408,21 @@ class ModelMetadata:
     logit_scale: float
     activation: str
     preprocess: PreprocessCfg
-    tokenizer: TokenizerCfg
+    tokenizer: TokenizerCfg | None  # None for a classifier: it has no text graph
     files: dict[str, FileEntry] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     vocabulary: Vocabulary | None = None  # what the model knows, when its trainer said so (v2)
     tower: TowerCfg | None = None  # v3; None becomes the OpenCLIP ViT default (see __post_init__)
     correction: CorrectionCfg | None = None  # v3, head 'map' only: the empty-prompt correction
     logit_bias: float | None = None  # v3: SigLIP's; probabilities are then per-pair sigmoids
+    # v4: a supervised classifier's class names, one per logit (embed_dim of them); its image graph is
+    # CLASSIFIER_GRAPH (class ids in, logits out), it has no text graph and no tokenizer
+    classes: tuple[str, ...] | None = None
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.classes is not None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", as_size(self.image_size))
@@ -499,6 +534,18 @@ def _parse_tokenizer(tok: Fields) -> TokenizerCfg:
     )
 
 
+def _parse_classes(data: Any, embed_dim: int) -> tuple[str, ...] | None:
+    if data is None:
+        return None
+    if not isinstance(data, list) or not 0 < len(data) <= MAX_CLASSES:
+        raise FieldError("classes", f"must be null or a list of 1 to {MAX_CLASSES:,} class names")
+    if len(data) != embed_dim:
+        raise FieldError("classes", f"must name every logit: {len(data):,} names for embed_dim {embed_dim:,}")
+    if not all(isinstance(c, str) and 0 < len(c) <= 300 for c in data):
+        raise FieldError("classes", "must be non-empty strings of at most 300 characters")
+    return tuple(data)
+
+
 def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
     f = Fields(data, "", [x.name for x in fields(ModelMetadata)])
     image_size = f.size("image_size", 1, MAX_IMAGE_SIZE)
@@ -529,9 +576,16 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
         pre.numbers("std", 3, positive=True),  # type: ignore[arg-type]
         pre.str("interpolation", choices=INTERPOLATIONS) if pre.has("interpolation") else "bicubic",
         pre.str("resize_mode", choices=RESIZE_MODES) if pre.has("resize_mode") else "squash",
+        pre.number("crop_pct", positive=True) if pre.has("crop_pct") else 1.0,
     )
-    tokenizer = _parse_tokenizer(
-        Fields(f.raw("tokenizer"), "tokenizer", [x.name for x in fields(TokenizerCfg)])
+    embed_dim = f.int("embed_dim", 1, 1 << 20)
+    classes = _parse_classes(data.get("classes"), embed_dim)
+    if classes is not None and f.raw("tokenizer") is not None:
+        raise FieldError("tokenizer", "must be null for a classifier (a folder with 'classes')")
+    tokenizer = (
+        None
+        if classes is not None
+        else _parse_tokenizer(Fields(f.raw("tokenizer"), "tokenizer", [x.name for x in fields(TokenizerCfg)]))
     )
     files = {}
     for key, value in f.object("files", MAX_FILES).items() if f.has("files") else ():
@@ -559,7 +613,7 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
         layers=layers,
         width=width,
         heads=heads,
-        embed_dim=f.int("embed_dim", 1, 1 << 20),
+        embed_dim=embed_dim,
         logit_scale=f.number("logit_scale", positive=True),
         activation=f.str("activation", choices=ACTIVATIONS),
         preprocess=preprocess,
@@ -570,6 +624,7 @@ def _parse(data: dict[str, Any], version: int) -> ModelMetadata:
         tower=tower,
         correction=correction,
         logit_bias=logit_bias,
+        classes=classes,
         schema_version=version,
     )
 
@@ -608,8 +663,15 @@ def read_metadata(folder: str | Path) -> ModelMetadata:
     return ModelMetadata.from_dict(data, source=str(folder / METADATA_FILE))
 
 
+def image_graph_spec(meta: ModelMetadata) -> GraphSpec:
+    """The image graph's contract: CLASSIFIER_GRAPH for a classifier, else IMAGE_GRAPH."""
+    return CLASSIFIER_GRAPH if meta.is_classifier else IMAGE_GRAPH
+
+
 def required_files(meta: ModelMetadata) -> list[str]:
-    """The files the runtime opens: both graphs and the tokenizer's files."""
+    """The files the runtime opens: the image graph, and the text graph and tokenizer files if any."""
+    if meta.tokenizer is None:
+        return [IMAGE_GRAPH.filename]
     return [IMAGE_GRAPH.filename, TEXT_GRAPH.filename, *meta.tokenizer.files]
 
 

@@ -3,7 +3,9 @@
 open_clip (3.x) runs, on a PIL image in whatever mode it has, for a size (H, W):
 
 - squash: torchvision `Resize((H, W))`;
-- shortest, square: `Resize(S)` (shorter side to S) → `CenterCrop(S)`;
+- shortest, square: `Resize(S)` (shorter side to S) → `CenterCrop(S)`; with `crop_pct` below 1 (a
+  classifier's), `Resize(floor(S / crop_pct))` → `CenterCrop(S)`, timm's eval transform and
+  torchvision's `ImageClassification` (resize 256, crop 224: crop_pct 0.875);
 - shortest, not square: `ResizeKeepRatio((H, W))` (scaled by the smaller ratio, so the image covers
   the box) → `CenterCrop((H, W))`;
 - longest: `ResizeKeepRatio((H, W), longest=1)` (scaled to fit inside) → `CenterCropOrPad((H, W))`,
@@ -239,7 +241,8 @@ def _resize_and_crop(img: Image.Image, cfg: PreprocessCfg) -> tuple[Image.Image,
         new_w, new_h = out_w, out_h
     elif cfg.resize_mode == "shortest" and out_h == out_w:  # torchvision Resize(int): int() truncates
         short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = out_h, int(out_h * long / short)
+        scaled = out_h if cfg.crop_pct == 1 else math.floor(out_h / cfg.crop_pct)  # timm's scale_size
+        new_short, new_long = scaled, int(scaled * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     else:  # open_clip's ResizeKeepRatio: shortest (non-square) fills the box, longest fits inside it
         ratios = (h / out_h, w / out_w)

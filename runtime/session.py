@@ -5,6 +5,11 @@
     result.heatmaps        # float32 [B, P, H, W] in [0, 1]
     result.overlay(0, 1)   # PIL image: heatmap over the original image, at its own size
 
+A supervised classifier's folder (metadata `classes`) is explained for classes instead of prompts:
+
+    model.explain(["cat.jpg"], classes=["tabby cat", 281])   # names (or synonyms) and ids
+    model.explain(["cat.jpg"], classes="top-3")               # each image's 3 most likely classes
+
 Work is split into calls that fit a memory budget (images per call × prompts per call), so any
 number of images and prompts runs in bounded memory; `explain_batches` yields results batch by
 batch for streams too large to hold. One loaded model may be shared by many threads.
@@ -24,9 +29,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from .classes import ClassIndex, parse_top_k, short_name
 from .errors import DeviceFallbackWarning, ImageInputError, InputError, ModelFolderError, PromptError
 from .metadata import (
-    IMAGE_GRAPH,
     METADATA_FILE,
     TEXT_GRAPH,
     GraphSpec,
@@ -35,6 +40,7 @@ from .metadata import (
     PreprocessCfg,
     default_tower,
     format_size,
+    image_graph_spec,
 )
 from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
 from .tokenizer import load_tokenizer
@@ -49,6 +55,7 @@ PROMPT_LOOP_KEY = "prompt_loop"  # metadata.extra flag: the image graph scans ov
 DEVICES = ("auto", "cpu", "cuda")
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; longer text only costs cleaning time
 ImageSource = str | Path | Image.Image | np.ndarray
+ClassRequest = str | int | Sequence[str | int] | np.ndarray  # names, ids, or 'top-K'
 
 
 @dataclass(frozen=True)
@@ -60,27 +67,60 @@ class ImageFailure:
     error: ImageInputError
 
 
+@dataclass(frozen=True)
+class _Targets:
+    """What one explain call explains: text embeddings (CLIP), class ids, or each image's top K."""
+
+    names: list[str]  # the prompts' names: texts, class names, or 'top-1' ... 'top-K'
+    text: np.ndarray | None = None  # (P, E) L2-normalised
+    class_ids: np.ndarray | None = None  # (P,) int64
+    top_k: int | None = None
+
+
 @dataclass
 class Explanation:
-    """LeGrad results for B images × P prompts. Row b is the b-th image that could be read."""
+    """LeGrad results for B images × P prompts. Row b is the b-th image that could be read.
+
+    For a classifier the prompts are classes: `class_ids[b, p]` is the class of map (b, p) (the same
+    row for every image when the classes were named; each image's own for 'top-K', whose prompts
+    are then 'top-1' ... 'top-K'), `label(b, p)` its name, and the embeddings are None.
+    """
 
     heatmaps: np.ndarray  # (B, P, H, W) float32 in [0, 1], on the model's input (image_size)
     layer_maps: np.ndarray  # (B, P, L, gh, gw) raw per-layer maps (grid_size)
-    image_embeds: np.ndarray  # (B, E) L2-normalised
-    text_embeds: np.ndarray  # (P, E) L2-normalised
+    image_embeds: np.ndarray | None  # (B, E) L2-normalised; None for a classifier
+    text_embeds: np.ndarray | None  # (P, E) L2-normalised; None for a classifier
     images: list[Image.Image]  # the originals, RGB, EXIF orientation applied
     placements: list[Placement]  # where each model input sits on its original image
     sources: list[str]  # a name for each row: file path or 'image #i'
-    prompts: list[str]  # prompt texts ('embedding #p' for precomputed embeddings)
+    prompts: list[str]  # prompt texts ('embedding #p' for precomputed embeddings); class names
     layers: tuple[int, ...]
     logit_scale: float
     failures: list[ImageFailure]
     preprocess: PreprocessCfg  # how the images became the model's input
     logit_bias: float | None = None  # SigLIP's (sigmoid loss); None for CLIP (softmax over prompts)
+    logits: np.ndarray | None = None  # (B, C) float32, a classifier's logits over all its classes
+    class_ids: np.ndarray | None = None  # (B, P) int64, a classifier's class of each map
+    class_names: tuple[str, ...] | None = None  # a classifier's C class names (metadata `classes`)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.class_ids is not None
+
+    def label(self, b: int, p: int) -> str:
+        """The name of map (b, p): its class's name for a classifier, else prompt p."""
+        if self.class_ids is None or self.class_names is None:
+            return self.prompts[p]
+        return self.class_names[int(self.class_ids[b, p])]
 
     @property
     def similarities(self) -> np.ndarray:
-        """Cosine similarity of each image with each prompt, (B, P)."""
+        """Cosine similarity of each image with each prompt, (B, P); a classifier's logit of each
+        map's class."""
+        if self.logits is not None and self.class_ids is not None:
+            return np.take_along_axis(self.logits, self.class_ids, axis=1)
+        if self.image_embeds is None or self.text_embeds is None:
+            raise ValueError("this Explanation has neither embeddings nor a classifier's logits and classes")
         return self.image_embeds @ self.text_embeds.T
 
     @property
@@ -90,8 +130,14 @@ class Explanation:
         Without a logit bias (CLIP, contrastive softmax loss): softmax over the prompts of
         logit_scale · cos; each row sums to 1. With one (SigLIP, sigmoid loss): for each
         (image, prompt) pair on its own, sigmoid(logit_scale · cos + logit_bias); rows need not
-        sum to 1, and every prompt may be likely or none.
+        sum to 1, and every prompt may be likely or none. A classifier's: the softmax over all
+        C logits, at each map's class (rows sum to 1 only when P covers every class).
         """
+        if self.logits is not None and self.class_ids is not None:
+            z = self.logits.astype(np.float64)
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            probs = e / e.sum(axis=1, keepdims=True)
+            return np.take_along_axis(probs, self.class_ids, axis=1).astype(np.float32)
         logits = self.logit_scale * self.similarities
         if self.logit_bias is None:
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -114,15 +160,29 @@ class Explanation:
         the picture the model saw (centre-cropped for 'shortest', padded for 'longest'), under maps of
         that same extent."""
         seen = model_view(self.images[b], self.preprocess)
-        return layer_figure(seen, self.layer_maps[b, p], self.layers, self.prompts[p], cmap=cmap)
+        return layer_figure(seen, self.layer_maps[b, p], self.layers, self.label(b, p), cmap=cmap)
 
     def grid(self, cmap: str = "jet", cell: int = 224) -> Image.Image:
-        """Images × prompts overlays with the prompts as headers and cosine scores as captions."""
+        """Images × prompts overlays with the prompts as headers and cosine scores as captions; for a
+        classifier, class names as headers and probabilities as captions (each cell's class and
+        probability for 'top-K')."""
         maps = [
             [self.heatmap_on_original(b, p) for p in range(len(self.prompts))]
             for b in range(len(self.images))
         ]
-        return grid(self.images, maps, self.prompts, scores=self.similarities, cmap=cmap, cell=cell)
+        if not self.is_classifier:
+            return grid(self.images, maps, self.prompts, scores=self.similarities, cmap=cmap, cell=cell)
+        probs = self.probabilities
+        shared = self.class_ids is not None and bool((self.class_ids == self.class_ids[:1]).all())
+        headers = [short_name(self.label(0, p)) for p in range(len(self.prompts))] if shared else self.prompts
+        captions = [
+            [
+                f"{probs[b, p]:.3f}" if shared else f"{short_name(self.label(b, p))} {probs[b, p]:.3f}"
+                for p in range(len(self.prompts))
+            ]
+            for b in range(len(self.images))
+        ]
+        return grid(self.images, maps, headers, captions=captions, cmap=cmap, cell=cell)
 
 
 def _providers(device: str) -> list[str]:
@@ -174,8 +234,9 @@ def _check_graph(session: ort.InferenceSession, spec: GraphSpec, meta: ModelMeta
         "layers": ("layers", len(meta.layers), len(meta.layers)),
         "grid_h": ("grid_size", grid_size, grid_size[0]),
         "grid_w": ("grid_size", grid_size, grid_size[1]),
-        "context_length": ("tokenizer.context_length",) + (meta.tokenizer.context_length,) * 2,
     }
+    if meta.tokenizer is not None:
+        sizes["context_length"] = ("tokenizer.context_length",) + (meta.tokenizer.context_length,) * 2
     found = {t.name: t for t in session.get_inputs()} | {t.name: t for t in session.get_outputs()}
     for want in spec.inputs + spec.outputs:
         have = found.get(want.name)
@@ -200,7 +261,11 @@ def _check_graph(session: ort.InferenceSession, spec: GraphSpec, meta: ModelMeta
 
 
 class LeGradModel:
-    """An exported LeGrad model: image graph, text graph and tokenizer, ready for many threads."""
+    """An exported LeGrad model: image graph, text graph and tokenizer, ready for many threads.
+
+    A classifier's folder has the image graph only (class ids in, logits out): `is_classifier`,
+    `classes` its class names, `class_index` their lookup, and no tokenizer (`tokenizer` is None).
+    """
 
     def __init__(
         self,
@@ -220,10 +285,18 @@ class LeGradModel:
         options = session_options(threads)
         # external data named inside a graph given as bytes resolves in the folder, never in the cwd
         options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(self.folder))
-        self._image = self._session(files, IMAGE_GRAPH, options, providers)
-        self._text = self._session(files, TEXT_GRAPH, options, providers)
-        self.tokenizer = load_tokenizer(self.folder, self.metadata.tokenizer, read=files.read_bytes)
-        files.verify_others(read=[IMAGE_GRAPH.filename, TEXT_GRAPH.filename, *self.metadata.tokenizer.files])
+        image_spec = image_graph_spec(self.metadata)
+        self._image = self._session(files, image_spec, options, providers)
+        self._text: ort.InferenceSession | None = None
+        self.tokenizer = None
+        self.class_index = None if self.metadata.classes is None else ClassIndex(self.metadata.classes)
+        if self.metadata.tokenizer is None:  # a classifier: nothing more to open
+            files.verify_others(read=[image_spec.filename])
+        else:
+            self._text = self._session(files, TEXT_GRAPH, options, providers)
+            self.tokenizer = load_tokenizer(self.folder, self.metadata.tokenizer, read=files.read_bytes)
+            opened = [image_spec.filename, TEXT_GRAPH.filename, *self.metadata.tokenizer.files]
+            files.verify_others(read=opened)
         self.device = "cuda" if self._image.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "cuda" and self.device == "cpu":
             if providers[0] == "CUDAExecutionProvider":
@@ -252,15 +325,31 @@ class LeGradModel:
 
     def __repr__(self) -> str:
         m = self.metadata
+        kind = f", {len(m.classes):,} classes" if m.classes is not None else ""
         return (
-            f"LeGradModel({m.model_name!r}, pretrained={m.pretrained!r}, size={format_size(m.image_size)}, "
-            f"device={self.device!r})"
+            f"LeGradModel({m.model_name!r}, pretrained={m.pretrained!r}, size={format_size(m.image_size)}"
+            f"{kind}, device={self.device!r})"
         )
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether this is a supervised classifier (explained for classes, not text prompts)."""
+        return self.metadata.is_classifier
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """A classifier's class names, one per logit, in id order; None for a CLIP model."""
+        return self.metadata.classes
 
     # ------------------------------------------------------------------ prompts
 
     def embed_text(self, prompts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised text embeddings (P, E) for the prompts."""
+        if self._text is None or self.tokenizer is None:
+            raise PromptError(
+                f"{self.folder} is a classifier: it has no text tower to embed prompts; explain it for "
+                "classes instead, e.g. classes=['tabby cat', 281] or classes='top-5'"
+            )
         prompts = _check_prompts(prompts)
         chunks = []
         for start in range(0, len(prompts), batch_size):
@@ -280,6 +369,33 @@ class LeGradModel:
             return self.embed_text(names), names
         emb = _check_embeddings(text_embeds, self.metadata.embed_dim)
         return emb, [f"embedding #{p}" for p in range(len(emb))]
+
+    def _targets(self, prompts, text_embeds, classes) -> _Targets:
+        """What each map explains: text embeddings (CLIP), class ids, or each image's top K classes."""
+        if self.class_index is None:
+            if classes is not None:
+                raise PromptError(
+                    f"{self.folder} is a CLIP model: it is explained for text prompts, not classes; pass "
+                    "prompts, e.g. ['a photo of a cat'] (classes= is for supervised classifiers)"
+                )
+            text, names = self._text_embeds(prompts, text_embeds)
+            return _Targets(names, text=text)
+        if prompts is not None or text_embeds is not None:
+            given = "prompts" if prompts is not None else "text_embeds"
+            raise PromptError(
+                f"{self.folder} is a classifier: it is explained for its classes, not {given}; pass "
+                "classes=, e.g. classes=['tabby cat', 281] or classes='top-5'"
+            )
+        if classes is None:
+            raise PromptError(
+                "no classes given; this classifier needs classes=, e.g. classes=['tabby cat', 281] "
+                "(names or ids) or classes='top-5' (each image's 5 most likely)"
+            )
+        k = parse_top_k(classes, len(self.class_index))
+        if k is not None:
+            return _Targets([f"top-{i + 1}" for i in range(k)], top_k=k)
+        ids = self.class_index.resolve(classes)
+        return _Targets([self.class_index.names[i] for i in ids], class_ids=np.asarray(ids, np.int64))
 
     # ------------------------------------------------------------------ images
 
@@ -345,42 +461,51 @@ class LeGradModel:
         prompts: str | Sequence[str] | None = None,
         *,
         text_embeds: np.ndarray | None = None,
+        classes: ClassRequest | None = None,
         batch_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         on_error: str = "raise",
     ) -> Iterator[Explanation]:
         """Yield one Explanation per batch of images (bounded memory for any number of images).
 
-        on_error='raise' stops at the first unreadable image with an ImageInputError naming it;
-        'skip' leaves it out and records it in the batch's `failures`.
+        A CLIP model takes `prompts` (texts) or `text_embeds`; a classifier takes `classes`: class
+        names (or synonyms, any case) and ids, mixed, or 'top-K' for each image's K most likely
+        classes (in descending probability). on_error='raise' stops at the first unreadable image
+        with an ImageInputError naming it; 'skip' leaves it out and records it in the batch's
+        `failures`.
         """
         if on_error not in ("raise", "skip"):
             raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
-        text, names = self._text_embeds(prompts, text_embeds)
-        per_call, prompts_per_call = self.chunk_sizes(len(text), batch_size, memory_budget)
+        targets = self._targets(prompts, text_embeds, classes)
+        per_call, prompts_per_call = self.chunk_sizes(len(targets.names), batch_size, memory_budget)
         batch: list[tuple[int, ImageSource]] = []
         for index, source in enumerate(images):
             batch.append((index, source))
             if len(batch) == per_call:
-                yield self._explain_batch(batch, text, names, prompts_per_call, on_error)
+                yield self._explain_batch(batch, targets, prompts_per_call, memory_budget, on_error)
                 batch = []
         if batch:
-            yield self._explain_batch(batch, text, names, prompts_per_call, on_error)
+            yield self._explain_batch(batch, targets, prompts_per_call, memory_budget, on_error)
 
     def explain(
-        self, images: ImageSource | Sequence[ImageSource], prompts=None, **kwargs: Any
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        prompts=None,
+        *,
+        classes: ClassRequest | None = None,
+        **kwargs: Any,
     ) -> Explanation:
-        """Explain every image for every prompt; see `explain_batches` for the options."""
+        """Explain every image for every prompt (a classifier: every class); see `explain_batches`."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
         if len(images) == 0:
             raise ImageInputError("no images given; pass at least one path, PIL image or uint8 array")
-        parts = list(self.explain_batches(images, prompts, **kwargs))
+        parts = list(self.explain_batches(images, prompts, classes=classes, **kwargs))
         return _concat(parts)
 
-    def _explain_batch(self, batch, text, names, prompts_per_call, on_error) -> Explanation:
+    def _explain_batch(self, batch, targets, prompts_per_call, memory_budget, on_error) -> Explanation:
         cfg = self.metadata.preprocess
         pixels, originals, placements, sources, failures = [], [], [], [], []
         for index, source in batch:
@@ -399,29 +524,27 @@ class LeGradModel:
             placements.append(placement)
             sources.append(label)
         m = self.metadata
-        if pixels:
+        names = targets.names
+        class_ids = None
+        if pixels and targets.text is not None:
             x = np.stack(pixels)
-            runs = [
-                self._image.run(None, {"pixel_values": x, "text_embeds": text[i : i + prompts_per_call]})
-                for i in range(0, len(text), prompts_per_call)
-            ]
-            heat = np.concatenate([r[0] for r in runs], 1)
-            layer_maps = np.concatenate([r[1] for r in runs], 1)
-            embeds = runs[0][2]
-            if not (np.isfinite(heat).all() and np.isfinite(layer_maps).all() and np.isfinite(embeds).all()):
-                raise ModelFolderError(
-                    f"the image graph of {self.folder} gave NaN or infinite values for {', '.join(sources)}; "
-                    "its weights are broken: re-export the model"
-                )
+            heat, layer_maps, embeds = self._run(x, "text_embeds", targets.text, prompts_per_call)
+            self._check_finite(sources, heat, layer_maps, embeds)
+        elif pixels:
+            heat, layer_maps, embeds, class_ids = self._run_classes(
+                np.stack(pixels), targets, prompts_per_call, memory_budget, sources
+            )
         else:  # every image of this batch failed: zero rows, same shapes
             heat = np.zeros((0, len(names), *m.image_size), np.float32)
             layer_maps = np.zeros((0, len(names), len(m.layers), *m.grid_size), np.float32)
             embeds = np.zeros((0, m.embed_dim), np.float32)
+            class_ids = None if targets.text is not None else np.zeros((0, len(names)), np.int64)
+        classifier = targets.text is None
         return Explanation(
             heatmaps=heat,
             layer_maps=layer_maps,
-            image_embeds=embeds,
-            text_embeds=text,
+            image_embeds=None if classifier else embeds,
+            text_embeds=targets.text,
             images=originals,
             placements=placements,
             sources=sources,
@@ -431,7 +554,47 @@ class LeGradModel:
             logit_bias=m.logit_bias,
             preprocess=m.preprocess,
             failures=failures,
+            logits=embeds if classifier else None,
+            class_ids=class_ids,
+            class_names=m.classes,
         )
+
+    def _run(
+        self, x: np.ndarray, name: str, targets: np.ndarray, per_call: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The image graph on images x for targets (text embeddings or class ids), `per_call` at a time:
+        heatmaps, layer maps, and the third output (image embeddings or logits)."""
+        runs = [
+            self._image.run(None, {"pixel_values": x, name: targets[i : i + per_call]})
+            for i in range(0, len(targets), per_call)
+        ]
+        return np.concatenate([r[0] for r in runs], 1), np.concatenate([r[1] for r in runs], 1), runs[0][2]
+
+    def _run_classes(self, x, targets, prompts_per_call, memory_budget, sources):
+        """A classifier's maps for the named classes, or for each image's top K: the logits of a first
+        run pick them, and one more run explains the batch's union of them."""
+        if targets.class_ids is not None:
+            heat, layer_maps, logits = self._run(x, "class_ids", targets.class_ids, prompts_per_call)
+            self._check_finite(sources, heat, layer_maps, logits)
+            return heat, layer_maps, logits, np.tile(targets.class_ids, (len(x), 1))
+        logits = self._image.run(None, {"pixel_values": x, "class_ids": np.zeros(1, np.int64)})[2]
+        self._check_finite(sources, logits)
+        top = np.argsort(-logits, axis=1, kind="stable")[:, : targets.top_k].astype(np.int64)  # (B, K)
+        union = np.unique(top)  # sorted ids; every image's top K among them
+        per_call = self.chunk_sizes(len(union), len(x), memory_budget)[1]
+        heat, layer_maps, _ = self._run(x, "class_ids", union, per_call)
+        self._check_finite(sources, heat, layer_maps)
+        where = np.searchsorted(union, top)  # (B, K): each image's classes in the union
+        heat = np.take_along_axis(heat, where[:, :, None, None], axis=1)
+        layer_maps = np.take_along_axis(layer_maps, where[:, :, None, None, None], axis=1)
+        return heat, layer_maps, logits, top
+
+    def _check_finite(self, sources: list[str], *outputs: np.ndarray) -> None:
+        if not all(np.isfinite(out).all() for out in outputs):
+            raise ModelFolderError(
+                f"the image graph of {self.folder} gave NaN or infinite values for {', '.join(sources)}; "
+                "its weights are broken: re-export the model"
+            )
 
 
 def load(
@@ -500,10 +663,15 @@ def _concat(parts: list[Explanation]) -> Explanation:
     first = parts[0]
     if len(parts) == 1:
         return first
+
+    def rows(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+
     return Explanation(
         heatmaps=np.concatenate([p.heatmaps for p in parts]),
         layer_maps=np.concatenate([p.layer_maps for p in parts]),
-        image_embeds=np.concatenate([p.image_embeds for p in parts]),
+        image_embeds=rows("image_embeds"),
         text_embeds=first.text_embeds,
         images=[im for p in parts for im in p.images],
         placements=[pl for p in parts for pl in p.placements],
@@ -514,4 +682,7 @@ def _concat(parts: list[Explanation]) -> Explanation:
         logit_bias=first.logit_bias,
         preprocess=first.preprocess,
         failures=[f for p in parts for f in p.failures],
+        logits=rows("logits"),
+        class_ids=rows("class_ids"),
+        class_names=first.class_names,
     )

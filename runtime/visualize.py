@@ -204,24 +204,31 @@ def grid(
     cmap: str = "jet",
     cell: int = 224,
     alpha: float = 0.5,
+    captions: Sequence[Sequence[str]] | None = None,
 ) -> Image.Image:
     """Rows = images, columns = prompts: `heatmaps[b][p]` over `images[b]`, letterboxed to `cell` px.
 
-    Prompts head the columns (wrapped, ellipsised); `scores` (B, P), when given, go under each cell.
+    Prompts head the columns (wrapped, ellipsised); `scores` (B, P), when given, go under each cell,
+    or `captions[b][p]`, a text per cell (a classifier's class and probability), instead.
     """
     n_img, n_prompt = len(images), len(prompts)
     if n_img == 0 or n_prompt == 0:
         raise ValueError(f"need at least one image and one prompt, got {n_img} and {n_prompt}")
     if len(heatmaps) != n_img or any(len(row) != n_prompt for row in heatmaps):
         raise ValueError(f"heatmaps must be {n_img} rows (images) of {n_prompt} maps (prompts)")
+    if scores is not None and captions is not None:
+        raise ValueError("pass scores or captions, not both")
     if scores is not None:
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != (n_img, n_prompt):
             raise ValueError(f"scores must have shape ({n_img}, {n_prompt}), got {scores.shape}")
+        captions = [[f"{scores[b, p]:.3f}" for p in range(n_prompt)] for b in range(n_img)]
+    if captions is not None and (len(captions) != n_img or any(len(row) != n_prompt for row in captions)):
+        raise ValueError(f"captions must be {n_img} rows (images) of {n_prompt} texts (prompts)")
     font = _font(max(10, cell // 15))
     line_h = _line_height(font)
     header_h = 2 * line_h + _PAD
-    score_h = line_h if scores is not None else 0
+    score_h = line_h if captions is not None else 0
     cell_w, cell_h = cell + _PAD, cell + score_h + _PAD
     fig = Image.new("RGB", (_PAD + n_prompt * cell_w, _PAD + header_h + n_img * cell_h), _WHITE)
     draw = ImageDraw.Draw(fig)
@@ -234,8 +241,9 @@ def grid(
             pic = _fit(overlay(image, heatmaps[b][p], cmap, alpha), cell)
             draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=_LETTERBOX)
             fig.paste(pic, (left + (cell - pic.width) // 2, top + (cell - pic.height) // 2))
-            if scores is not None:
-                _text(draw, [f"{scores[b, p]:.3f}"], font, left, top + cell + 1, cell)
+            if captions is not None:
+                caption = _wrap(str(captions[b][p]), font, cell, max_lines=1)
+                _text(draw, caption, font, left, top + cell + 1, cell)
     return fig
 
 

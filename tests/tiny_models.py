@@ -597,6 +597,79 @@ def export_with_cli(source: Path, out: Path) -> Path:
     return folder
 
 
+# ---------------------------------------------------------------- supervised classifiers
+
+TORCHVISION_PREPROCESS = {  # torchvision's ImageNet preset (resize 256, crop 224) at the tiny size
+    "size": 64,
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "resize_mode": "shortest",
+    "crop_pct": 0.875,
+    "version": "torchvision (tiny test model)",
+}
+
+
+def _randomise_classifier(model, head: str, extra: tuple[str, ...] = ()):
+    """torchvision zero-initialises the head (a zero head makes every map constant) and LayerNorms
+    start at (1, 0): perturb them, so that a formula that forgets one cannot pass."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(head) or name in extra:
+                p.normal_(0, 0.5)
+            elif "ln" in name or "norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return model.eval()
+
+
+def build_tiny_torchvision_vit(num_classes: int = 1000, seed: int = 0):
+    """A small torchvision ViT classifier: 64 px, patch 16, 3 blocks, 4 heads, width 64."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        num_layers=3,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=num_classes,
+    )
+    return _randomise_classifier(model, "heads", ("class_token",))
+
+
+# name → timm VisionTransformer options: class-token pooling; the token mean with fc_norm (timm's
+# default for 'avg') and without it (the final norm on every token, then the mean)
+TIMM_CLASSIFIER_VARIANTS = {
+    "token": dict(global_pool="token"),
+    "avg_fc_norm": dict(global_pool="avg", class_token=False),
+    "avg_norm": dict(global_pool="avg", fc_norm=False),
+}
+
+
+def build_tiny_timm_classifier(variant: str, num_classes: int = 10, seed: int = 0):
+    """A small timm ViT classifier (64 px, patch 16, 3 blocks, 4 heads, width 64) of one pooling kind."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0,
+        num_classes=num_classes, **TIMM_CLASSIFIER_VARIANTS[variant],
+    )  # fmt: skip
+    return _randomise_classifier(model, "head")
+
+
+def wrap_tiny_classifier(model, name: str = "torchvision:tiny_vit"):
+    from legrad_export.load_classifier import wrap_classifier
+
+    preprocess = TORCHVISION_PREPROCESS if name.startswith("torchvision") else {
+        **TORCHVISION_PREPROCESS, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+        "crop_pct": 0.9, "version": "timm (tiny test model)",
+    }  # fmt: skip
+    return wrap_classifier(model, name, "none", preprocess)
+
+
 NON_SQUARE_SIZE = (48, 80)  # (height, width) of the runtime's non-square folder: `--image-size 80x48`
 
 
@@ -629,6 +702,8 @@ def export_runtime_folders(out: Path) -> dict[str, Path]:
     folders["eva02"] = export_with_cli(save_tiny_eva_model(out / "source", "eva02"), out / "eva02")
     coca = load_openclip(str(save_tiny_coca_model(out / "source")))
     folders["coca"] = export_model(coca, out / "coca", ExportSettings(overwrite=True))
+    classifier = wrap_tiny_classifier(build_tiny_torchvision_vit(1000))
+    folders["classifier"] = export_model(classifier, out / "classifier", ExportSettings(overwrite=True))
     write_hf_tokenizer_cases(out / HF_TOKENIZER_CASES)
     return folders
 

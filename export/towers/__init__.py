@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from legrad_runtime.errors import UnsupportedModelError
 
-from . import openclip_vit, timm_eva, timm_eva_clip, timm_token_vit, timm_vit
+from . import openclip_vit, timm_eva, timm_eva_clip, timm_token_vit, timm_vit, torchvision_vit
 from .spec import Activation, Head, Mlp, Stem, TowerSpec
 
 __all__ = [
@@ -55,6 +55,8 @@ def canonical_state_dict(
     `grid` ((gh, gw), an int is a square; default: the native one) only matters to towers whose
     tensors depend on it: a RoPE table.
     """
+    if spec.family == "torchvision_vit":  # a classifier, the holder's `.visual` (load_classifier.py)
+        return torchvision_vit.canonical_state_dict(model.visual)
     grid = spec.native_grid if grid is None else grid
     grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
     if spec.family == "timm_eva" and spec.head == "token_mean":  # EVA-CLIP

@@ -30,12 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["TowerSpec", "Activation", "Head", "Stem", "Mlp"]
+__all__ = ["TowerSpec", "Activation", "Head", "Stem", "Mlp", "Score"]
 
 Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 Head = Literal["token_mean", "map", "attn_pool"]
 Stem = Literal["patch", "hybrid"]
 Mlp = Literal["plain", "geglu", "swiglu"]
+Score = Literal["cosine", "logit"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class TowerSpec:
     #   swiglu: silu(fc1_g)·fc1_x → LN → fc2, SiLU whatever `activation` says (EVA02)
     attn_norm: bool = False  # a LayerNorm on the attention output A·V before its projection (EVA02)
     post_norm: bool = False  # x + LN_1(Attn(x)), then + LN_2(MLP(·)): norms after, not before (EVA02-E)
+    score: Score = "cosine"  # cosine: CLIP's, with a text embedding; logit: a classifier's raw class logit
+
+    @property
+    def is_classifier(self) -> bool:
+        """A supervised classifier: its prompts are class ids and its score a logit (docs/classifiers.md)."""
+        return self.score == "logit"
 
     @property
     def head_dim(self) -> int:

@@ -1,64 +1,28 @@
 """The classifier reference against torchcam 0.5.0's LeGrad on the same torchvision weights.
 
-torchcam is installed with pip `--target` into `.torchcam-site/` (git-ignored, `--no-deps`: it
-runs on this suite's torch and torchvision) and imported from there. It hooks the model it is
-given, so it gets a deep copy; ours runs on the untouched model. Skipped only if pip cannot reach
-the package registry.
+torchcam comes from the `torchcam_legrad` fixture (conftest.py: installed into `.torchcam-site/`).
+It hooks the model it is given, so it gets a deep copy; ours runs on the untouched model.
 """
 
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.models.vision_transformer import VisionTransformer
 
 from legrad_export.reference_classifier import legrad_reference_torchvision
+from tiny_models import build_tiny_torchvision_vit
 
 pytestmark = pytest.mark.torch
 
-SITE = Path(__file__).parent.parent.parent / ".torchcam-site"
+
+def tiny_vit(seed: int = 0):
+    return build_tiny_torchvision_vit(10, seed)
 
 
-@pytest.fixture(scope="session")
-def torchcam_legrad():
-    done = SITE / ".installed"
-    if not done.exists():
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(SITE)]
-        result = subprocess.run([*cmd, "torchcam==0.5.0"], capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot install torchcam: {result.stderr.strip()[-300:]}")
-        done.touch()
-    sys.path.insert(0, str(SITE))
-    try:
-        from torchcam.methods import LeGrad
-    finally:
-        sys.path.remove(str(SITE))
-    return LeGrad
-
-
-def tiny_vit(seed: int = 0) -> VisionTransformer:
-    """A small torchvision ViT classifier; its zero-initialised head, class token and unit LayerNorms
-    are randomised, since a zero head makes every map constant."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(
-        image_size=64, patch_size=16, num_layers=3, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("heads") or name == "class_token":
-                p.normal_(0, 0.5)
-            elif ".ln" in name or name.startswith("encoder.ln"):
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
-    return model.eval()
-
-
-def _torchcam(LeGrad, model, pixels, class_idx, layers) -> torch.Tensor:
+def torchcam_maps(LeGrad, model, pixels, class_idx, layers) -> torch.Tensor:
     hooked = copy.deepcopy(model)
     with LeGrad(hooked, [hooked.encoder.layers[i] for i in layers]) as cam:
         return cam(class_idx, hooked(pixels))[0].detach()  # (B, g, g)
@@ -72,10 +36,10 @@ def test_maps_equal_torchcam_for_every_class_of_every_image(torchcam_legrad, lay
     ours = legrad_reference_torchvision(model, pixels, classes, list(layers))
     assert ours.layers == layers and ours.maps.shape == (3, 3, 4, 4)
     for p, c in enumerate(classes):  # torchcam: one class per call (here the same for every image)
-        theirs = _torchcam(torchcam_legrad, model, pixels, c, layers)
+        theirs = torchcam_maps(torchcam_legrad, model, pixels, c, layers)
         assert (ours.maps[:, p] - theirs).abs().max() <= 1e-5
         assert theirs.std() > 0.1  # a real map, not a constant one
-    per_image = _torchcam(torchcam_legrad, model, pixels, classes, layers)  # a class per image
+    per_image = torchcam_maps(torchcam_legrad, model, pixels, classes, layers)  # a class per image
     for b in range(3):
         assert (ours.maps[b, b] - per_image[b]).abs().max() <= 1e-5
 
@@ -95,7 +59,7 @@ def test_outputs_and_the_model_are_as_documented(torchcam_legrad):
 
 def test_wrong_inputs_are_refused_with_the_fix():
     model = tiny_vit()
-    with pytest.raises(ValueError, match="64×64"):
-        legrad_reference_torchvision(model, torch.randn(1, 3, 48, 48), [0])
+    with pytest.raises(ValueError, match="multiple of the patch 16"):
+        legrad_reference_torchvision(model, torch.randn(1, 3, 48, 40), [0])
     with pytest.raises(ValueError, match="eval mode"):
         legrad_reference_torchvision(model.train(), torch.randn(1, 3, 64, 64), [0])
