@@ -67,7 +67,7 @@ def authors_legrad(
         attns.append(attn)
     pooled, _ = visual._pool(x)
     _ = pooled @ visual.proj  # encode_image's own output, computed and discarded as in LeWrapper
-    one_hot = F.one_hot(torch.arange(num_prompts)).float()
+    one_hot = F.one_hot(torch.arange(num_prompts, device=text.device)).float()
     accum: torch.Tensor | float = 0.0
     for feat, attn in zip(feats, attns, strict=True):
         img_feat = F.normalize(visual.ln_post(feat.mean(dim=1)) @ visual.proj, dim=-1)  # (P, E)

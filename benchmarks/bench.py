@@ -17,7 +17,17 @@ fresh process (benchmarks/worker.py), so its peak RSS is its own:
                          (CLIP towers only; skipped for MAP-head towers such as SigLIP)
   authors' released      their legrad_torch 1.1 itself (--methods ...,released; needs .authors-site/):
                          compute_legrad_clip per image, or compute_legrad_siglip per prompt (MAP head)
-  ... int8               the ONNX graphs after onnxruntime's dynamic int8 quantisation (--dtype int8)
+  torch.compile (ours)   torch.compile of our analytic module (--methods ...,compile; the first warm-up
+                         call compiles; fp16 under autocast)
+  ... int8               the ONNX graphs after onnxruntime's dynamic int8 quantisation (--dtype int8, CPU)
+  ... fp16               an fp16 export of the same model (--dtype fp16: --fp16-folder, or exported here
+                         when legrad-export has --dtype)
+
+--device cuda: the ONNX rows on onnxruntime's CUDA provider with IO binding (inputs on the device once),
+the torch rows on the GPU with torch.cuda.synchronize() after each timed call, device memory per row
+(torch: max_memory_allocated; ONNX: nvidia-smi memory.used growth) and the issue's GPU targets. It
+needs onnxruntime-gpu for the ONNX rows and a CUDA torch for the torch rows; --add-rows merges rows
+measured in an earlier run (the torch rows of a first run on a machine that gets onnxruntime-gpu later).
 
 Per method: throughput on B images × P prompts (median of --repeats after --warmups untimed runs), latency at
 B=1 (p50/p95 of --latency-runs), peak RSS. Then a sweep, interleaved in one process: LeGrad at
@@ -53,6 +63,7 @@ METHODS = {
     "reference": "reference (PyTorch autograd)",
     "authors": "authors' approach (PyTorch)",
     "released": "authors' released code",
+    "compile": "torch.compile (ours, analytic)",
 }
 WORKER_METHOD = {
     "plain": "plain_onnx",
@@ -61,8 +72,12 @@ WORKER_METHOD = {
     "reference": "reference_torch",
     "authors": "authors_torch",
     "released": "authors_released",
+    "compile": "compile_torch",
 }
 AUTHORS_SITE = HERE.parent / ".authors-site"  # legrad_torch 1.1 + open_clip 2.23.0, pip --target
+ONNX_METHODS = ("plain", "legrad", "runtime")  # need onnxruntime's CUDA provider on --device cuda
+TORCH_METHODS = ("reference", "authors", "released", "compile")
+DTYPES = ("fp32", "int8", "fp16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,11 +96,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch", type=int, default=8, help="images per workload (B)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per workload (P)")
-    p.add_argument("--device", choices=["cpu"], default="cpu", help="only cpu for now (GPU: not implemented)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu, or cuda: onnxruntime's CUDA provider with IO binding, torch on the GPU",
+    )
     p.add_argument(
         "--dtype",
         default="fp32",
-        help="comma list of fp32, int8 (int8: onnxruntime dynamic quantisation, ONNX rows only)",
+        help="comma list of fp32, int8, fp16 (int8: onnxruntime dynamic quantisation, ONNX rows, CPU only; "
+        "fp16: an fp16 export, see --fp16-folder; the compile row under autocast)",
+    )
+    p.add_argument(
+        "--fp16-folder",
+        type=Path,
+        default=None,
+        help="with --model-folder and --dtype fp16: an fp16 export of the same model "
+        "(legrad-export --dtype fp16)",
+    )
+    p.add_argument(
+        "--compile-dtype",
+        default=None,
+        help="comma list of fp32, fp16 for the torch.compile rows (default: those of --dtype)",
+    )
+    p.add_argument(
+        "--compile-mode", default=None, help="torch.compile's mode (default: its default; e.g. max-autotune)"
+    )
+    p.add_argument(
+        "--authors-images",
+        type=int,
+        default=None,
+        help="images per workload of the authors' rows, which run one image at a time anyway, so their "
+        "images/s does not depend on B (default: --batch)",
+    )
+    p.add_argument(
+        "--add-rows",
+        type=Path,
+        action="append",
+        default=[],
+        help="a JSON report of an earlier run of the same settings (--json): its rows join this table "
+        "(rows measured here win); repeatable",
     )
     p.add_argument(
         "--methods", default="plain,legrad,reference,authors", help=f"comma list of {', '.join(METHODS)}"
@@ -108,17 +159,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.dtype = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    bad = [m for m in args.methods if m not in METHODS] + [d for d in args.dtype if d not in ("fp32", "int8")]
+    bad = [m for m in args.methods if m not in METHODS] + [d for d in args.dtype if d not in DTYPES]
+    if args.compile_dtype is not None:
+        args.compile_dtype = [d.strip() for d in args.compile_dtype.split(",") if d.strip()]
+        bad += [d for d in args.compile_dtype if d not in ("fp32", "fp16")]
     if bad:
         p.error(f"unknown method or dtype {', '.join(bad)}")
     if "fp32" not in args.dtype:
         args.dtype.insert(0, "fp32")  # the plain fp32 forward is every ratio's denominator
+    if args.compile_dtype is None:
+        args.compile_dtype = [d for d in args.dtype if d in ("fp32", "fp16")]
+    if args.device == "cuda" and "int8" in args.dtype:
+        p.error("--dtype int8 is CPU-only (dynamic quantisation's kernels are onnxruntime CPU kernels)")
+    if args.fp16_folder is not None and args.model_folder is None:
+        p.error(
+            "--fp16-folder goes with --model-folder (with --model, bench.py exports the fp16 graph itself)"
+        )
+    if args.authors_images is not None and args.authors_images < 1:
+        p.error("--authors-images must be at least 1")
     args.sweep_prompts = [int(x) for x in args.sweep_prompts.split(",") if x.strip()]
     return args
 
 
-def export_folder(model: str, size: int | None, layers: str, out: Path, tokenizer: str | None) -> Path:
-    """legrad-export with seeded random weights (no verification: the sanity check compares maps)."""
+def export_folder(
+    model: str, size: int | None, layers: str, out: Path, tokenizer: str | None, dtype: str | None = None
+) -> Path:
+    """legrad-export with seeded random weights (no verification: the sanity check compares maps).
+    `dtype` ("fp16"): ExportSettings(dtype=...), which only exporters that have that field take."""
     import torch
 
     from legrad_export.load import load_openclip
@@ -126,9 +193,75 @@ def export_folder(model: str, size: int | None, layers: str, out: Path, tokenize
 
     torch.manual_seed(WEIGHT_SEED)  # the torch rows rebuild the same weights from this seed
     loaded = load_openclip(model, "none", tokenizer=tokenizer)
+    extra = {} if dtype is None else {"dtype": dtype}
     return export_model(
-        loaded, out, ExportSettings(image_size=size, layers=layers, verify=False, overwrite=True)
+        loaded, out, ExportSettings(image_size=size, layers=layers, verify=False, overwrite=True, **extra)
     )
+
+
+def export_has_dtype() -> bool:
+    """Whether this exporter writes fp16 graphs (ExportSettings has a `dtype` field)."""
+    import dataclasses
+
+    from legrad_export.onnx_export import ExportSettings
+
+    return "dtype" in {f.name for f in dataclasses.fields(ExportSettings)}
+
+
+def check_cuda(methods: list[str]) -> None:
+    """Exit with one line when --device cuda cannot run the requested rows here."""
+    if any(m in ONNX_METHODS for m in methods):
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            raise SystemExit(
+                f"--device cuda: onnxruntime {ort.__version__} ({Path(ort.__file__).parent}) has no "
+                f"CUDAExecutionProvider (it offers {', '.join(providers)}): install onnxruntime-gpu, or "
+                "measure only the torch rows (--methods reference,compile,authors)"
+            )
+    if any(m in TORCH_METHODS for m in methods):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.version.cuda "
+                f"{torch.version.cuda}); run the torch rows on a machine with a GPU, or use --device cpu"
+            )
+
+
+def add_rows(
+    paths: list[Path], rows: dict[str, Any], skipped: dict, errors: dict, settings: dict
+) -> list[str]:
+    """Rows of earlier runs' JSON reports that this run did not measure; their sources."""
+    sources = []
+    for path in paths:
+        other = json.loads(path.read_text(encoding="utf-8"))
+        theirs = other.get("settings")
+        if theirs:
+            mismatch = [
+                k for k, v in settings.items() if k in theirs and theirs[k] != v and k != "image_size"
+            ]
+            if list(theirs.get("image_size", settings["image_size"])) != list(settings["image_size"]):
+                mismatch.append("image_size")
+            if mismatch:
+                raise SystemExit(
+                    f"--add-rows {path}: measured with other settings ({', '.join(mismatch)}), not merged"
+                )
+        else:
+            print(f"--add-rows {path}: a partial report without settings; its rows are taken as they are")
+        new = other.get("rows") or other.get("partial_rows") or {}
+        for name, row in new.items():
+            if name not in rows:
+                rows[name] = dict(row, added_from=str(path))
+        for name, why in (other.get("skipped") or {}).items():
+            if name not in rows:
+                skipped.setdefault(name, why)
+        for name, why in (other.get("errors") or {}).items():
+            if name not in rows:
+                errors.setdefault(name, why)
+        sources.append(str(path))
+    return sources
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +289,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from legrad_runtime.metadata import IMAGE_GRAPH, read_metadata
 
     self_exported = args.model is not None
+    cuda = args.device == "cuda"
+    if cuda:
+        check_cuda(args.methods)
     if self_exported:
         print(f"exporting {args.model} (random weights) ...", flush=True)
         folder = export_folder(args.model, args.image_size, args.layers, work / "main", args.tokenizer)
@@ -174,6 +310,26 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print("quantising to int8 ...", flush=True)
         graphs[("legrad", "int8")] = quantize_int8(graph, work / "legrad_int8.onnx")
         graphs[("plain", "int8")] = quantize_int8(plain, work / "plain_int8.onnx")
+    fp16_folder, fp16_note = None, None
+    if "fp16" in args.dtype and any(m in ONNX_METHODS for m in args.methods):
+        if args.fp16_folder is not None:
+            fp16_folder = args.fp16_folder
+        elif not self_exported:
+            fp16_note = "no fp16 export given: --fp16-folder DIR (legrad-export --dtype fp16)"
+        elif export_has_dtype():
+            print(f"exporting {args.model} in fp16 (random weights) ...", flush=True)
+            fp16_folder = export_folder(
+                args.model, args.image_size, args.layers, work / "fp16", args.tokenizer, dtype="fp16"
+            )
+        else:
+            fp16_note = "this exporter writes no fp16 graphs (ExportSettings has no dtype field)"
+    if fp16_folder is not None:
+        fp16_graph = fp16_folder / IMAGE_GRAPH.filename
+        graphs[("legrad", "fp16")] = fp16_graph
+        try:
+            graphs[("plain", "fp16")] = extract_plain_forward(fp16_graph, work / "plain_forward_fp16.onnx")
+        except Exception as exc:  # an fp16 graph whose embeddings cannot be cut out: no plain fp16 row
+            print(f"could not cut the plain forward out of the fp16 graph: {exc}")
 
     if meta.image_size[0] != meta.image_size[1]:
         raise SystemExit(f"bench.py measures square exports; {folder} is {meta.image_size} (height, width)")
@@ -197,6 +353,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "correction": bool(meta.correction and meta.correction.enabled),
         "correction_prompt": meta.correction.prompt if meta.correction else None,
         "correction_threshold": meta.correction.threshold if meta.correction else None,
+        "device": args.device,
+        "compile_mode": args.compile_mode,
     }
     if "released" in args.methods and (AUTHORS_SITE / "legrad").is_dir():
         # their open_clip 2.23 gets our (seeded) weights from a file, not from its own init
@@ -205,8 +363,30 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     report_errors: dict[str, str] = {}
     skipped: dict[str, str] = {}
+
+    def dtypes(method: str) -> list[str]:
+        if method in ("plain", "legrad"):
+            return args.dtype
+        if method == "compile":
+            return args.compile_dtype
+        if method == "runtime" and "fp16" in args.dtype:
+            return ["fp32", "fp16"]
+        return ["fp32"]
+
     for method in args.methods:
-        for dtype in args.dtype if method in ("plain", "legrad") else ["fp32"]:
+        for dtype in dtypes(method):
+            name = METHODS[method] + ("" if dtype == "fp32" else f" {dtype}")
+            if dtype == "fp16" and method in ONNX_METHODS and fp16_folder is None:
+                skipped[name] = fp16_note or "no fp16 export"
+                print(f"skipping {name}: {skipped[name]}")
+                continue
+            if (method, dtype) == ("plain", "fp16") and ("plain", "fp16") not in graphs:
+                skipped[name] = "the plain forward could not be cut out of the fp16 graph"
+                continue
+            if method == "released" and cuda:
+                skipped[name] = "measured on the CPU only (their code, from .authors-site/)"
+                print(f"skipping {name}: {skipped[name]}")
+                continue
             if method == "released" and not (AUTHORS_SITE / "legrad").is_dir():
                 print(f"skipping the released code: no {AUTHORS_SITE} (test_authors_parity.py installs it)")
                 continue
@@ -220,14 +400,21 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 )
                 print(f"skipping {METHODS[method]}: {skipped[METHODS[method]]}")
                 continue
-            name = METHODS[method] + (" int8" if dtype == "int8" else "")
             print(f"measuring {name} ...", flush=True)
             spec = dict(base, method=WORKER_METHOD[method])
             if (method, dtype) in graphs:
                 spec["graph"] = str(graphs[(method, dtype)])
+            if method == "compile":
+                spec["dtype"] = dtype
+            if method == "runtime" and dtype == "fp16":
+                spec["folder"] = str(fp16_folder)
+            if method in ("authors", "released") and args.authors_images:
+                spec["batch"] = min(args.batch, args.authors_images)
             try:
                 steal_before, started = steal_seconds(), time.perf_counter()
                 rows[name] = worker(spec) | {"key": method, "dtype": dtype}
+                if spec["batch"] != args.batch:
+                    rows[name]["images"] = spec["batch"]  # --authors-images: compare images/s, not seconds
                 rows[name]["steal_fraction"] = steal_fraction(steal_before, time.perf_counter() - started)
             except RuntimeError as exc:  # one failing method must not lose the others' numbers
                 print(exc)
@@ -236,17 +423,42 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"partial_rows": rows}, indent=2), encoding="utf-8")
 
+    settings_key = {
+        "model_name": meta.model_name,
+        "image_size": list(meta.image_size),
+        "layers": list(layers),
+        "batch": args.batch,
+        "prompts": args.prompts,
+        "device": args.device,
+    }
+    added = add_rows(args.add_rows, rows, skipped, report_errors, settings_key) if args.add_rows else []
     report: dict[str, Any] = {"rows": rows, "errors": report_errors, "skipped": skipped}
-    plain_s = rows[METHODS["plain"]]["median_s"] if METHODS["plain"] in rows else None
-    if plain_s:
-        report["ratio_vs_plain"] = {k: r["median_s"] / plain_s for k, r in rows.items()}
-    for key in ("authors", "released"):
-        if METHODS[key] in rows and METHODS["legrad"] in rows:
-            speedup = rows[METHODS[key]]["median_s"] / rows[METHODS["legrad"]]["median_s"]
-            report[f"{key}_over_legrad_onnx"] = speedup
+    if added:
+        report["rows_added_from"] = added
+    report |= row_ratios(rows, cuda)
 
     if args.sweep_prompts or args.sweep_layers:
         report["sweep"] = sweep(args, base, meta, graph, plain, layers, last, work, tokenizer)
+    if ("legrad", "fp16") in graphs and not self_exported:
+        report["fp16_agreement_note"] = (
+            "not measured: --fp16-folder may hold other weights (random exports are not seeded alike); "
+            "legrad-export --dtype fp16 checks its graph against its own fp32 graph"
+        )
+    if ("legrad", "fp16") in graphs and self_exported and METHODS["legrad"] + " fp16" in rows:
+        print("fp16 agreement ...", flush=True)
+        try:
+            report["fp16_agreement"] = worker(
+                dict(
+                    base,
+                    method="agreement",
+                    graph_a=str(graph),
+                    graph_b=str(graphs[("legrad", "fp16")]),
+                    batch=min(8, args.batch),
+                )
+            )
+        except RuntimeError as exc:
+            print(exc)
+            report_errors["fp16 agreement"] = str(exc)[-500:]
     if "int8" in args.dtype:
         print("int8 agreement ...", flush=True)
         report["int8_agreement"] = worker(
@@ -266,7 +478,115 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     report["machine"] = machine(load_before, load_after)
     report["versions"] = versions()
+    if cuda:
+        from gpu_check import gpu_info
+
+        report["gpu"] = gpu_info()
+        report["versions"] |= {
+            "torch_cuda": report["gpu"].get("torch_cuda"),
+            "driver": report["gpu"].get("driver"),
+            "onnxruntime_providers": ",".join(ort_providers()),
+        }
+        report["targets"] = cuda_targets(report)
     return report
+
+
+def row_ratios(rows: dict[str, dict[str, Any]], cuda: bool) -> dict[str, Any]:
+    """The report's ratios: each row against the plain fp32 forward (and, on CUDA, against the plain
+    forward of its own dtype), and the authors' rows against LeGrad ONNX."""
+    out: dict[str, Any] = {}
+    plain_row = rows.get(METHODS["plain"])
+    if plain_row:
+        out["ratio_vs_plain"] = {k: time_ratio(r, plain_row) for k, r in rows.items()}
+    if cuda:
+        out["ratio_vs_plain_same_dtype"] = ratios_same_dtype(rows)
+    for key in ("authors", "released"):
+        if METHODS[key] in rows and METHODS["legrad"] in rows:
+            out[f"{key}_over_legrad_onnx"] = time_ratio(rows[METHODS[key]], rows[METHODS["legrad"]])
+    return out
+
+
+def merge_into(report_path: Path, paths: list[Path]) -> dict[str, Any]:
+    """Add the rows of earlier (or later) reports of the same settings to a written --device cuda
+    report, as --add-rows would have, and write it again (ratios and targets recomputed)."""
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    s = report["settings"]
+    key = {k: s[k] for k in ("model_name", "image_size", "layers", "batch", "prompts", "device")}
+    added = add_rows(paths, report["rows"], report["skipped"], report["errors"], key)
+    report["rows_added_from"] = report.get("rows_added_from", []) + added
+    report |= row_ratios(report["rows"], s["device"] == "cuda")
+    if s["device"] == "cuda":
+        report["targets"] = cuda_targets(report)
+    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def time_ratio(row: dict[str, Any], base: dict[str, Any]) -> float:
+    """How many times `base`'s time the row takes for the same images: the ratio of the medians, or of
+    images/s where the row ran fewer images (--authors-images)."""
+    if row.get("images") == base.get("images"):
+        return row["median_s"] / base["median_s"]
+    return base["images_per_s"] / row["images_per_s"]
+
+
+def ratios_same_dtype(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each row's time over the plain forward of its own dtype (fp32's where there is none)."""
+    out = {}
+    for name, row in rows.items():
+        dtype = row.get("dtype", "fp32")
+        plain = rows.get(METHODS["plain"] + ("" if dtype == "fp32" else f" {dtype}")) or rows.get(
+            METHODS["plain"]
+        )
+        if plain:
+            out[name] = time_ratio(row, plain)
+    return out
+
+
+def cuda_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's GPU targets (H100/H200, ViT-B-16, fp16, P=1) against this run's rows."""
+    from gpu_check import PAPER_FRAMES_PER_S, TARGET_IMAGES_PER_S, TARGET_LEGRAD_OVER_PLAIN
+
+    rows, s = report["rows"], report["settings"]
+    size = s["image_size"][0] if s["image_size"][0] == s["image_size"][1] else None
+    conditions = []
+    if s["model_name"] != "ViT-B-16":
+        conditions.append(f"the targets are for ViT-B-16, this is {s['model_name']}")
+    if s["prompts"] != 1:
+        conditions.append(f"the targets are for P=1, this is P={s['prompts']}")
+    note = "; ".join(conditions) or None
+    legrad, plain = rows.get(METHODS["legrad"] + " fp16"), rows.get(METHODS["plain"] + " fp16")
+    out: dict[str, dict[str, Any]] = {}
+    ratio = legrad["images_per_s"] / plain["images_per_s"] if legrad and plain else None
+    out["legrad_over_plain_fp16"] = {
+        "what": "LeGrad fp16 throughput / plain forward fp16 throughput",
+        "value": ratio,
+        "target": TARGET_LEGRAD_OVER_PLAIN,
+        "met": None if ratio is None else ratio >= TARGET_LEGRAD_OVER_PLAIN,
+        "note": note if ratio is not None else "no fp16 rows",
+    }
+    wanted = TARGET_IMAGES_PER_S.get(size)
+    value = legrad["images_per_s"] if legrad else None
+    out["legrad_fp16_images_per_s"] = {
+        "what": f"LeGrad fp16 images/s at {size or s['image_size']}",
+        "value": value,
+        "target": wanted,
+        "met": None if value is None or wanted is None else value >= wanted,
+        "note": note if value is not None else "no fp16 LeGrad row",
+    }
+    authors = rows.get(METHODS["authors"])
+    out["authors_images_per_s"] = {
+        "what": "the authors' approach (PyTorch, one image at a time) images/s",
+        "value": authors["images_per_s"] if authors else None,
+        "paper": PAPER_FRAMES_PER_S,
+        "met": None,
+    }
+    return out
 
 
 def sweep(args, base, meta, graph: Path, plain: Path, layers, last, work: Path, tokenizer) -> dict[str, Any]:
@@ -361,7 +681,87 @@ def _size_label(size: int | list[int]) -> str:
     return str(size) if isinstance(size, int) else format_size(tuple(size))
 
 
+def print_fp16_agreement(r: dict[str, Any]) -> None:
+    if "fp16_agreement" in r:
+        a = r["fp16_agreement"]
+        for key in ("heatmaps", "layer_maps"):
+            x = a[key]
+            print(
+                f"fp16 vs fp32 {key}: Pearson min {x['pearson_min']:.4f} mean {x['pearson_mean']:.4f}, "
+                f"max abs diff {x['max_abs_diff']:.3g} ({x['maps']} maps)"
+            )
+        print(f"fp16 vs fp32 image embeddings: min cosine {a['image_embeds_min_cosine']:.5f}")
+    elif "fp16_agreement_note" in r:
+        print(f"fp16 vs fp32 agreement: {r['fp16_agreement_note']}")
+
+
+def print_cuda_report(r: dict[str, Any]) -> None:
+    """The --device cuda table: images/s, ratio to the plain forward of the same dtype, B=1 latency,
+    device memory (torch's allocator peak, or nvidia-smi's delta for onnxruntime), and the targets."""
+    from gpu_check import gpu_memory_cell, target_line
+
+    s, m, g = r["settings"], r["machine"], r.get("gpu", {})
+    print(
+        f"\nGPU: {g.get('torch_device_name') or g.get('name', '?')}, driver {g.get('driver', '?')}, "
+        f"{g.get('memory_total_mb', '?')} MiB; host: {m['cpu']}, {m['nproc']} cores"
+    )
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    print(
+        f"model: {s['model_name']} at {_size_label(s['image_size'])}px, layers {s['layers']}, "
+        f"B={s['batch']}, P={s['prompts']}, cuda, median of {s['repeats']} "
+        f"after {s.get('warmups', 1)} warm-up\n"
+    )
+    cols = ["median s", "images/s", "vs plain*", "B=1 p50 ms", "p95 ms", "GPU MB", "peak RSS MB"]
+    head = f"{'method':<38} " + " ".join(f"{c:>11}" for c in cols)
+    print(head + "\n" + "-" * len(head))
+    nan = float("nan")
+    notes = set()
+    for name, row in r["rows"].items():
+        lat = row["latency_b1_ms"] or {"p50": nan, "p95": nan}
+        ratio = r.get("ratio_vs_plain_same_dtype", {}).get(name, nan)
+        mem, how = gpu_memory_cell(row)
+        notes.add(how)
+        mark = "" if how.startswith("torch") or mem == "–" else "~"
+        values = [f"{row['median_s']:.4f}", f"{row['images_per_s']:.1f}", f"{ratio:.2f}x"]
+        values += [
+            f"{lat['p50']:.2f}",
+            f"{lat['p95']:.2f}",
+            mark + mem,
+            f"{row['rss_mb']['peak_workload']:.0f}",
+        ]
+        label = name + (f" ({row['images']} img)" if "images" in row else "")
+        print(f"{label:<38} " + " ".join(f"{v:>11}" for v in values))
+    for name, why in r.get("skipped", {}).items():
+        print(f"{name:<38} skipped: {why}")
+    for name, why in r.get("errors", {}).items():
+        last = why.strip().splitlines()[-1] if why.strip() else "?"
+        print(f"{name:<38} FAILED: {last}")
+    print("* against the plain ONNX forward of the same dtype (fp32's where that has none)")
+    print(
+        "GPU MB: torch rows torch.cuda.max_memory_allocated; ~ onnxruntime rows the growth of nvidia-smi's "
+        "memory.used over the run (the CUDA context included: the CUDA provider's arena cannot be asked)"
+        + ("; – nvidia-smi missing or unreadable" if "not read" in notes else "")
+    )
+    if r.get("rows_added_from"):
+        print("rows added from: " + ", ".join(r["rows_added_from"]))
+    sw = r.get("sweep")
+    if sw:
+        print(f"\nsweep (median s, plain forward {sw['plain_s']:.4f}s):")
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in sw["median_s"].items() if k != "plain"))
+        if "marginal_prompt_s" in sw:
+            share = 100 * sw["marginal_prompt_vs_plain"]
+            print(f"  one more prompt: {sw['marginal_prompt_s']:.5f}s = {share:.1f}% of a plain forward")
+    print_fp16_agreement(r)
+    if r.get("targets"):
+        print("\ntargets (issue 19: H100/H200, ViT-B-16, fp16, P=1):")
+        for key, t in r["targets"].items():
+            print("  " + target_line(key, t))
+
+
 def print_report(r: dict[str, Any]) -> None:
+    if r["settings"].get("device") == "cuda":
+        print_cuda_report(r)
+        return
     s, m = r["settings"], r["machine"]
     before, after = m["loadavg_1min_before_after"]
     print(f"\nmachine: {m['cpu']}, {m['nproc']} cores, {m['memory_gb']} GB, {m['platform']}")
@@ -417,6 +817,7 @@ def print_report(r: dict[str, Any]) -> None:
                 f"max abs diff {x['max_abs_diff']:.3g} ({x['maps']} maps)"
             )
         print(f"int8 vs fp32 image embeddings: min cosine {a['image_embeds_min_cosine']:.5f}")
+    print_fp16_agreement(r)
     if "sanity_max_abs_diff" in r:
         print(
             "sanity, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in r["sanity_max_abs_diff"].items())

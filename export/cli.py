@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"what a local model folder's legrad_defaults.json names, else {DEFAULT_LAYERS})",
     )
     p.add_argument("--resize-mode", choices=RESIZE_MODES, default=None, help=RESIZE_MODE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="fp16: the image graph's weights and matmuls in half precision (about half the file), "
+        "checked against the fp32 graph (every map's Pearson r >= 0.999); the folder gets the suffix "
+        "__fp16 (default: fp32)",
+    )
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the autograd reference")
@@ -203,6 +211,7 @@ def _export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             correction=not args.no_correction,
             correction_threshold=args.correction_threshold,
+            dtype=args.dtype,
         )
         folder = export_model(loaded, out, settings, on_stage=stages)
         ok = True

@@ -44,6 +44,9 @@ class TokenMeanHead(nn.Module):
         self.spec = spec
         self.ln_post = LayerNorm(sd, "head.norm.", spec.eps)
         self.proj = frozen(sd["head.proj"])  # (D, E)
+        # its transpose as a tensor of its own: a `.T` view taken inside the prompt loop reaches the
+        # Scan once per layer as aliased inputs, which torch.export before 2.14 refuses
+        self.proj_t = frozen(sd["head.proj"].T)  # (E, D)
         bias = sd.get("head.proj_bias")
         self.proj_bias = None if bias is None else frozen(bias)  # (E,) timm's classifier (MobileCLIP)
 
@@ -73,7 +76,7 @@ class TokenMeanHead(nn.Module):
         """∂(t · f̂)/∂z[i] for one prompt (E,): (B, D), the same for every token i."""
         s = trace.f_hat @ text_embed  # (B,)
         g_f = (text_embed - s.unsqueeze(-1) * trace.f_hat) / trace.f_norm  # (B, E)
-        g_u = self.ln_post.backward(g_f @ self.proj.T, trace.u_hat, trace.u_rstd)  # (B, D)
+        g_u = self.ln_post.backward(g_f @ self.proj_t, trace.u_hat, trace.u_rstd)  # (B, D)
         return g_u / num_tokens
 
 
@@ -87,7 +90,7 @@ class ClassifierHead(TokenMeanHead):
 
     def directions(self, class_ids: torch.Tensor) -> torch.Tensor:
         """Class ids (P,) int64 → the head's rows W[c], (P, D): ∂ logit_c / ∂ LN(u)."""
-        return self.proj.T[class_ids]
+        return self.proj_t[class_ids]
 
     def backward(self, trace: HeadTrace, direction: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """∂ logit_c / ∂z[i] for one class, given its direction W[c] (D,): (B, D), the same for every i."""

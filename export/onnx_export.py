@@ -42,6 +42,7 @@ from legrad_runtime.metadata import (
 )
 from legrad_runtime.session import PROMPT_LOOP_KEY
 
+from .fp16_export import DTYPES, FP16_SUFFIX, convert_image_graph, verification_feeds
 from .graphs import (
     DEFAULT_THRESHOLD,
     EMPTY_PROMPT,
@@ -72,6 +73,7 @@ class ExportSettings:
     overwrite: bool = False
     correction: bool = True  # MAP-head towers: the authors' empty-prompt correction
     correction_threshold: float = DEFAULT_THRESHOLD
+    dtype: str = "fp32"  # 'fp16': the image graph converted after verification (docs/fp16.md)
 
 
 def model_folder_name(loaded: AnyLoaded, image_size: int | Size) -> str:
@@ -174,7 +176,10 @@ def export_model(
     stage = on_stage or (lambda name: None)
     out_root = Path(out_root)
     check_output_root(out_root)
-    size = resolve_image_size(loaded, settings.image_size, runs_graph=settings.verify)
+    if settings.dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {settings.dtype!r}; expected one of {DTYPES}")
+    fp16 = settings.dtype == "fp16"
+    size = resolve_image_size(loaded, settings.image_size, runs_graph=settings.verify or fp16)
     try:
         spec = default_layer_spec(loaded) if settings.layers is None else settings.layers
         layers = resolve_layers(spec, loaded.vit.num_layers)
@@ -183,7 +188,7 @@ def export_model(
             raise ValueError(f"correction threshold {settings.correction_threshold} must be in (0, 1]")
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
-    target = out_root / model_folder_name(loaded, size)
+    target = out_root / (model_folder_name(loaded, size) + (FP16_SUFFIX if fp16 else ""))
     if target.exists() and not settings.overwrite:
         raise ExportError(f"{target} already exists; pass --overwrite to replace it")
 
@@ -264,6 +269,9 @@ def export_model(
                 threshold=settings.correction_threshold,
             )
             meta = replace(meta, extra={**meta.extra, "verification_max_abs_diff": diffs})
+        if fp16:  # the verified fp32 image graph → fp16, checked against it (the text graph stays fp32)
+            feeds = verification_feeds(size, loaded.vit.embed_dim, classifier)
+            meta = replace(meta, extra={**meta.extra, **convert_image_graph(tmp, feeds)})
 
         stage("write")
         rel = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]

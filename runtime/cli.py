@@ -32,7 +32,8 @@ from .cli_runner import EXIT_OK, EXIT_PARTIAL, add_max_pixels_option, max_pixels
 from .errors import LegradError
 from .files import ensure_output_folder, printable, safe_name
 from .metadata import ModelMetadata, default_tower, read_metadata
-from .session import DEVICES, Explanation, LeGradModel, load
+from .providers import DEVICE_FORMS, parse_device
+from .session import Explanation, LeGradModel, load
 from .visualize import COLORMAPS, save_png
 
 __all__ = ["main", "build_parser", "find_images"]
@@ -77,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a classifier: each image's K most likely classes",
     )
     ex.add_argument("--out", default="legrad_out", help="output folder (default: legrad_out)")
-    ex.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA when available")
+    ex.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        metavar="|".join(DEVICE_FORMS),
+        help="auto picks CUDA when available; cuda:N the N-th GPU (default: auto)",
+    )
+    ex.add_argument(
+        "--gpu-mem-limit",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="most GiB the CUDA provider's memory arena may hold (default: no limit)",
+    )
     ex.add_argument("--batch-size", type=int, default=None, help="images per call (default: from memory)")
     ex.add_argument("--layers-figure", action="store_true", help="also write the per-layer figure")
     ex.add_argument(
@@ -92,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the raw metadata JSON")
     info.add_argument("--classes", action="store_true", help="a classifier: list every class, 'id<TAB>name'")
     return p
+
+
+def _device(text: str) -> str:
+    """--device's value, checked as load() checks it (argparse turns the error into usage)."""
+    try:
+        parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _gpu_mem_limit(args: argparse.Namespace) -> int | None:
+    """--gpu-mem-limit in bytes, checked: (0, 16384] GiB."""
+    if args.gpu_mem_limit is None:
+        return None
+    if not 0 < args.gpu_mem_limit <= 16384:
+        raise UsageError(f"--gpu-mem-limit must be in (0, 16384] GiB, not {args.gpu_mem_limit:g}")
+    return max(1, int(args.gpu_mem_limit * 1024**3))
 
 
 def find_images(patterns: Sequence[str]) -> list[Path]:
@@ -136,13 +168,19 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], not {args.alpha}")
     max_pixels_from(args)
+    _gpu_mem_limit(args)
 
 
 def _load_model(args: argparse.Namespace):
     """Load the model; a warning (CUDA asked for, CPU given) becomes one line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = load(args.model_dir, device=args.device, max_pixels=max_pixels_from(args))
+        model = load(
+            args.model_dir,
+            device=args.device,
+            max_pixels=max_pixels_from(args),
+            gpu_mem_limit=_gpu_mem_limit(args),
+        )
     for warning in caught:
         say(PROG, "warning", warning.message)
     return model

@@ -13,11 +13,18 @@ A supervised classifier's folder (metadata `classes`) is explained for classes i
 Work is split into calls that fit a memory budget (images per call × prompts per call), so any
 number of images and prompts runs in bounded memory; `explain_batches` yields results batch by
 batch for streams too large to hold. One loaded model may be shared by many threads.
+
+On a GPU (`device="cuda"`, `"cuda:N"`, or `"auto"` with onnxruntime-gpu) the calls go through IO
+binding (device_io.py): each batch's pixels are uploaded once for all its prompt chunks, text
+embeddings pass from the text graph to the image graph on the device, and outputs not asked for
+(`layer_maps=False`) stay there. `model.devices` says where each graph runs and
+`model.cpu_fallback_nodes()` which image-graph nodes onnxruntime left on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,12 +33,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from .classes import ClassIndex, parse_top_k, short_name
+from .device_io import (
+    BoundIO,
+    PlainIO,
+    io_for,
+    preload_cuda_libraries,
+    profiled_placement,
+    profiling_options,
+)
 from .errors import DeviceFallbackWarning, ImageInputError, InputError, ModelFolderError, PromptError
 from .metadata import (
+    IMAGE_GRAPH,
     METADATA_FILE,
     TEXT_GRAPH,
     GraphSpec,
@@ -43,16 +58,33 @@ from .metadata import (
     image_graph_spec,
 )
 from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
+from .providers import (
+    CPU,
+    CUDA,
+    NodePlacement,
+    cuda_free_memory,
+    device_of,
+    fallback_nodes,
+    missing_onnxruntime,
+    parse_device,
+    providers,
+)
 from .tokenizer import load_tokenizer
 from .visualize import grid, layer_figure, overlay
+
+try:
+    import onnxruntime as ort
+except ModuleNotFoundError as _exc:
+    raise missing_onnxruntime(_exc) from None
 
 __all__ = ["LeGradModel", "Explanation", "ImageFailure", "load", "session_options", "DEFAULT_MEMORY_BUDGET"]
 
 log = logging.getLogger("legrad_runtime")
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of graph intermediates per onnxruntime call
+GPU_BUDGET_SHARE = 0.5  # of the GPU's free memory at load (and of gpu_mem_limit): the default budget
 PROMPT_LOOP_KEY = "prompt_loop"  # metadata.extra flag: the image graph scans over prompts inside
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # the kinds; "cuda:N" names a GPU (providers.parse_device)
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; longer text only costs cleaning time
 ImageSource = str | Path | Image.Image | np.ndarray
 ClassRequest = str | int | Sequence[str | int] | np.ndarray  # names, ids, or 'top-K'
@@ -75,6 +107,17 @@ class _Targets:
     text: np.ndarray | None = None  # (P, E) L2-normalised
     class_ids: np.ndarray | None = None  # (P,) int64
     top_k: int | None = None
+    text_kept: Any = None  # `text` where the image graph reads it (a CUDA session: on the GPU), or None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one explain call runs each batch: the targets' chunks, already where the graph reads them."""
+
+    chunks: list[tuple[Any, int]]  # (values, count) per call of the image graph; empty for top-K
+    memory_budget: int
+    on_error: str
+    layer_maps: bool
 
 
 @dataclass
@@ -87,7 +130,7 @@ class Explanation:
     """
 
     heatmaps: np.ndarray  # (B, P, H, W) float32 in [0, 1], on the model's input (image_size)
-    layer_maps: np.ndarray  # (B, P, L, gh, gw) raw per-layer maps (grid_size)
+    layer_maps: np.ndarray | None  # (B, P, L, gh, gw) raw per-layer maps (grid_size); None: not asked for
     image_embeds: np.ndarray | None  # (B, E) L2-normalised; None for a classifier
     text_embeds: np.ndarray | None  # (P, E) L2-normalised; None for a classifier
     images: list[Image.Image]  # the originals, RGB, EXIF orientation applied
@@ -159,6 +202,11 @@ class Explanation:
         """One panel per explained layer (the paper's layer-importance figure), on the model input:
         the picture the model saw (centre-cropped for 'shortest', padded for 'longest'), under maps of
         that same extent."""
+        if self.layer_maps is None:
+            raise InputError(
+                "this Explanation has no layer maps (explained with layer_maps=False); explain again "
+                "without it for the layer figure"
+            )
         seen = model_view(self.images[b], self.preprocess)
         return layer_figure(seen, self.layer_maps[b, p], self.layers, self.label(b, p), cmap=cmap)
 
@@ -185,14 +233,6 @@ class Explanation:
         return grid(self.images, maps, headers, captions=captions, cmap=cmap, cell=cell)
 
 
-def _providers(device: str) -> list[str]:
-    if device not in DEVICES:
-        raise InputError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """onnxruntime options tuned for throughput (see benchmarks/README.md for the measurements).
 
@@ -212,9 +252,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def _warn_fallback(reason: str) -> None:
+def _warn_fallback(device: str, reason: str) -> None:
     message = (
-        f"device='cuda' was asked for, but {reason}; running on CPU instead, which is much slower. "
+        f"device={device!r} was asked for, but {reason}; running on CPU instead, which is much slower. "
         "Install onnxruntime-gpu (pip install legrad-onnx[gpu]) with a matching CUDA, or pass device='cpu'"
     )
     warnings.warn(message, DeviceFallbackWarning, stacklevel=4)  # one warning; callers log it if they like
@@ -265,6 +305,10 @@ class LeGradModel:
 
     A classifier's folder has the image graph only (class ids in, logits out): `is_classifier`,
     `classes` its class names, `class_index` their lookup, and no tokenizer (`tokenizer` is None).
+
+    `devices` says where each graph runs ({"image": "cuda:0", "text": "cuda:0"}, or "cpu"),
+    `device` the image graph's kind ('cuda' or 'cpu'), `memory_budget` the budget of calls that name
+    none, and `cpu_fallback_nodes()` the image-graph nodes onnxruntime left on the CPU.
     """
 
     def __init__(
@@ -274,54 +318,161 @@ class LeGradModel:
         verify: bool = True,
         threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        gpu_mem_limit: int | None = None,
     ):
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise InputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+        wanted = parse_device(device)
+        available = ort.get_available_providers()
+        chosen = providers(wanted, available, gpu_mem_limit)  # also checks gpu_mem_limit
+        session_options(threads)  # checks threads before any file is read
         self.max_pixels = max_pixels
         files = ModelFolder(folder, verify=verify)
         self.folder = files.path
         self.metadata: ModelMetadata = files.metadata
-        providers = _providers(device)
-        options = session_options(threads)
-        # external data named inside a graph given as bytes resolves in the folder, never in the cwd
-        options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(self.folder))
-        image_spec = image_graph_spec(self.metadata)
-        self._image = self._session(files, image_spec, options, providers)
+        self._image_spec = image_spec = image_graph_spec(self.metadata)
+        self._profile: str | None = None  # the profile folder of the image session's first run (CUDA)
+        self._image, failure = self._session(files, image_spec, chosen, threads)
+        if failure is not None or self._image.get_providers()[0] != CUDA:
+            chosen = [CPU]  # the text graph goes straight to the CPU: one failure, one warning
         self._text: ort.InferenceSession | None = None
         self.tokenizer = None
         self.class_index = None if self.metadata.classes is None else ClassIndex(self.metadata.classes)
         if self.metadata.tokenizer is None:  # a classifier: nothing more to open
             files.verify_others(read=[image_spec.filename])
         else:
-            self._text = self._session(files, TEXT_GRAPH, options, providers)
+            self._text, _ = self._session(files, TEXT_GRAPH, chosen, threads)
             self.tokenizer = load_tokenizer(self.folder, self.metadata.tokenizer, read=files.read_bytes)
             opened = [image_spec.filename, TEXT_GRAPH.filename, *self.metadata.tokenizer.files]
             files.verify_others(read=opened)
-        self.device = "cuda" if self._image.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        if device == "cuda" and self.device == "cpu":
-            if providers[0] == "CUDAExecutionProvider":
-                _warn_fallback("the CUDA provider failed to start (missing CUDA / cuDNN libraries?)")
-            else:
-                _warn_fallback(f"this onnxruntime offers only {', '.join(ort.get_available_providers())}")
+        self._image_io: PlainIO | BoundIO = io_for(self._image)
+        self._text_io = None if self._text is None else io_for(self._text)
+        sessions = {"image": self._image, "text": self._text}
+        self.devices: dict[str, str] = {  # where each graph runs: 'cuda:N' or 'cpu'
+            role: device_of(s.get_providers(), s.get_provider_options())
+            for role, s in sessions.items()
+            if s is not None
+        }
+        self.device = "cuda" if self.devices["image"] != "cpu" else "cpu"
+        log.info("%s: %s", self.folder.name, ", ".join(f"{k} graph on {v}" for k, v in self.devices.items()))
+        if wanted.kind != "cpu" and chosen[0] == CPU and CUDA in available:
+            failure = failure or "the CUDA provider failed to start (missing CUDA / cuDNN libraries?)"
+        if wanted.kind == "cuda" and self.device == "cpu":
+            _warn_fallback(str(wanted), failure or f"this onnxruntime offers only {', '.join(available)}")
+        elif failure is not None:  # 'auto': the CPU is an accepted answer, but say why CUDA was not
+            log.warning("device='auto' runs on the CPU: %s", failure)
+        self._cpu_nodes = self._check_placement()
+        self.memory_budget = self._default_memory_budget(gpu_mem_limit)
 
     def _session(
-        self, files: ModelFolder, spec: GraphSpec, options: ort.SessionOptions, providers: list[str]
-    ) -> ort.InferenceSession:
+        self, files: ModelFolder, spec: GraphSpec, chosen: list, threads: int | None
+    ) -> tuple[ort.InferenceSession, str | None]:
         """One graph's session from the checked bytes; by path only when it has external weights
-        (listed, hence checksummed; onnxruntime keeps their paths inside the folder)."""
+        (listed, hence checksummed; onnxruntime keeps their paths inside the folder).
+
+        On CUDA: the image graph's session profiles its first run (_check_placement), and a CUDA
+        provider that fails to start gives a CPU session and the reason, for one warning. A graph
+        the CPU cannot load either is a ModelFolderError.
+        """
         if f"{spec.filename}.data" in self.metadata.files:
             model: str | bytes = str(self.folder / spec.filename)
         else:
             model = files.read_bytes(spec.filename)
+        failure = None
+        if chosen[0] != CPU:
+            preload_cuda_libraries()
+            options = self._options(threads)
+            profile = profiling_options(options) if spec is self._image_spec else None
+            try:  # enable_fallback=0: onnxruntime neither prints nor retries on its own; we do, once
+                session = ort.InferenceSession(model, options, providers=chosen, enable_fallback=0)
+            except Exception as exc:  # onnxruntime's own exception types are not importable by a stable name
+                failure = f"the CUDA provider failed to start ({type(exc).__name__}: {str(exc)[:300]})"
+                if profile is not None:
+                    shutil.rmtree(profile, ignore_errors=True)
+            else:
+                try:
+                    _check_graph(session, spec, self.metadata)
+                except ModelFolderError:
+                    if profile is not None:
+                        shutil.rmtree(profile, ignore_errors=True)
+                    raise
+                if profile is not None:
+                    self._profile = profile
+                return session, None
         try:
-            session = ort.InferenceSession(model, options, providers=providers)
+            session = ort.InferenceSession(model, self._options(threads), providers=[CPU])
         except Exception as exc:  # onnxruntime's own exception types are not importable by a stable name
             raise ModelFolderError(
                 f"{spec.filename} in {self.folder} is not a graph onnxruntime can load "
                 f"({type(exc).__name__}: {str(exc)[:300]}); re-export the model"
             ) from None
         _check_graph(session, spec, self.metadata)
-        return session
+        return session, failure
+
+    def _options(self, threads: int | None) -> ort.SessionOptions:
+        options = session_options(threads)
+        # external data named inside a graph given as bytes resolves in the folder, never in the cwd
+        options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(self.folder))
+        return options
+
+    def _warmup_feeds(self) -> dict[str, np.ndarray]:
+        """One image and one prompt (or class 0): the smallest call of the image graph."""
+        m = self.metadata
+        feeds = {"pixel_values": np.zeros((1, 3, *m.image_size), np.float32)}
+        if m.is_classifier:
+            feeds["class_ids"] = np.zeros(1, np.int64)
+        else:
+            feeds["text_embeds"] = np.eye(1, m.embed_dim, dtype=np.float32)
+        return feeds
+
+    def _check_placement(self) -> list[NodePlacement]:
+        """Where onnxruntime placed each image-graph node, from the session's first run (profiled,
+        then profiling ended; it also warms the GPU up). Nodes left on the CPU are logged: heavy ones
+        (loop bodies, large tensors) as a warning, since each costs copies and CPU time per call."""
+        folder, self._profile = self._profile, None
+        if folder is None:
+            return []
+        if self.device == "cpu":  # CUDA was dropped as the session started: nothing to check
+            self._image.end_profiling()
+            shutil.rmtree(folder, ignore_errors=True)
+            return []
+        placement = profiled_placement(self._image, self._warmup_feeds(), folder)
+        nodes = fallback_nodes(placement, self._image.get_providers())
+        heavy = [n for n in nodes if n.heavy]
+        if heavy:
+            log.warning(
+                "%d heavy node(s) of %s run on the CPU, not %s (onnxruntime's CUDA provider has no "
+                "kernel for them): %s",
+                len(heavy),
+                self._image_spec.filename,
+                self.devices["image"],
+                "; ".join(map(str, heavy)),
+            )
+        if len(nodes) > len(heavy):
+            log.info(
+                "%d shape node(s) of %s run on the CPU, as onnxruntime places them on purpose: %s",
+                len(nodes) - len(heavy),
+                self._image_spec.filename,
+                "; ".join(str(n) for n in nodes if not n.heavy),
+            )
+        return nodes
+
+    def cpu_fallback_nodes(self, heavy_only: bool = False) -> list[NodePlacement]:
+        """Image-graph nodes onnxruntime placed on the CPU although the graph runs on CUDA, from the
+        profiled first run at load; `heavy_only`: only real work (NodePlacement.heavy), not the shape
+        arithmetic onnxruntime keeps on the CPU on purpose. Always empty for a CPU model."""
+        return [n for n in self._cpu_nodes if n.heavy or not heavy_only]
+
+    def _default_memory_budget(self, gpu_mem_limit: int | None) -> int:
+        """The memory budget when a call names none. CPU: DEFAULT_MEMORY_BUDGET. CUDA: a share
+        (GPU_BUDGET_SHARE) of the GPU's free memory read at load, after the weights and a first run,
+        and of gpu_mem_limit if set; DEFAULT_MEMORY_BUDGET if the free memory cannot be read (no
+        CUDA driver library) and no limit is set."""
+        if self.device == "cpu":
+            return DEFAULT_MEMORY_BUDGET
+        free = cuda_free_memory(int(self.devices["image"].partition(":")[2]))
+        shares = [int(GPU_BUDGET_SHARE * n) for n in (free, gpu_mem_limit) if n]
+        return max(1, min(shares)) if shares else DEFAULT_MEMORY_BUDGET
 
     def __repr__(self) -> str:
         m = self.metadata
@@ -345,19 +496,36 @@ class LeGradModel:
 
     def embed_text(self, prompts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised text embeddings (P, E) for the prompts."""
-        if self._text is None or self.tokenizer is None:
+        return self._embed_text(prompts, batch_size)[0]
+
+    def _embed_text(self, prompts: str | Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, Any]:
+        """The embeddings, and, when one text call makes them all, that call's output where the image
+        graph reads it (on a GPU: left there, so it reaches the image graph without the host)."""
+        if self._text_io is None or self.tokenizer is None:
             raise PromptError(
                 f"{self.folder} is a classifier: it has no text tower to embed prompts; explain it for "
                 "classes instead, e.g. classes=['tabby cat', 281] or classes='top-5'"
             )
         prompts = _check_prompts(prompts)
-        chunks = []
+        (name,), (out,) = TEXT_GRAPH.input_names, TEXT_GRAPH.output_names
+        keep = [out] if len(prompts) <= batch_size and self._text_fits_image() else []
+        chunks, kept = [], None
         for start in range(0, len(prompts), batch_size):
             ids = self.tokenizer(prompts[start : start + batch_size])
-            chunks.append(self._text.run(None, {TEXT_GRAPH.input_names[0]: ids})[0])
-        return np.concatenate(chunks).astype(np.float32)
+            got, held = self._text_io.run({name: ids}, host=[out], keep=keep, sizes={"prompts": len(ids)})
+            chunks.append(got[out])
+            kept = held.get(out)
+        return np.concatenate(chunks).astype(np.float32), kept
 
-    def _text_embeds(self, prompts, text_embeds) -> tuple[np.ndarray, list[str]]:
+    def _text_fits_image(self) -> bool:
+        """Whether the text graph's output can be the image graph's input as it is (same element
+        type; an fp16 text graph's goes through the host, cast to float32)."""
+        if self._text is None:
+            return False
+        wanted = {i.name: i.type for i in self._image.get_inputs()}.get(IMAGE_GRAPH.input_names[1])
+        return self._text.get_outputs()[0].type == wanted
+
+    def _text_embeds(self, prompts, text_embeds) -> tuple[np.ndarray, Any, list[str]]:
         if prompts is None and text_embeds is None:
             raise PromptError(
                 "no prompts given; pass prompts (texts, e.g. 'a photo of a cat') or text_embeds"
@@ -366,9 +534,9 @@ class LeGradModel:
             raise PromptError("pass either prompts (texts) or text_embeds (precomputed embeddings), not both")
         if prompts is not None:
             names = _check_prompts(prompts)
-            return self.embed_text(names), names
+            return *self._embed_text(names), names
         emb = _check_embeddings(text_embeds, self.metadata.embed_dim)
-        return emb, [f"embedding #{p}" for p in range(len(emb))]
+        return emb, None, [f"embedding #{p}" for p in range(len(emb))]
 
     def _targets(self, prompts, text_embeds, classes) -> _Targets:
         """What each map explains: text embeddings (CLIP), class ids, or each image's top K classes."""
@@ -378,8 +546,8 @@ class LeGradModel:
                     f"{self.folder} is a CLIP model: it is explained for text prompts, not classes; pass "
                     "prompts, e.g. ['a photo of a cat'] (classes= is for supervised classifiers)"
                 )
-            text, names = self._text_embeds(prompts, text_embeds)
-            return _Targets(names, text=text)
+            text, kept, names = self._text_embeds(prompts, text_embeds)
+            return _Targets(names, text=text, text_kept=kept)
         if prompts is not None or text_embeds is not None:
             given = "prompts" if prompts is not None else "text_embeds"
             raise PromptError(
@@ -463,8 +631,9 @@ class LeGradModel:
         text_embeds: np.ndarray | None = None,
         classes: ClassRequest | None = None,
         batch_size: int | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
         on_error: str = "raise",
+        layer_maps: bool = True,
     ) -> Iterator[Explanation]:
         """Yield one Explanation per batch of images (bounded memory for any number of images).
 
@@ -472,22 +641,42 @@ class LeGradModel:
         names (or synonyms, any case) and ids, mixed, or 'top-K' for each image's K most likely
         classes (in descending probability). on_error='raise' stops at the first unreadable image
         with an ImageInputError naming it; 'skip' leaves it out and records it in the batch's
-        `failures`.
+        `failures`. `memory_budget`: bytes of graph intermediates per call (None: the model's
+        `memory_budget`, from the GPU's free memory on CUDA). `layer_maps=False` leaves the per-layer
+        maps out (`layer_maps` is None; on a GPU they are not copied back).
         """
         if on_error not in ("raise", "skip"):
             raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+        budget = self.memory_budget if memory_budget is None else memory_budget
         targets = self._targets(prompts, text_embeds, classes)
-        per_call, prompts_per_call = self.chunk_sizes(len(targets.names), batch_size, memory_budget)
+        per_call, prompts_per_call = self.chunk_sizes(len(targets.names), batch_size, budget)
+        plan = _Plan(self._target_chunks(targets, prompts_per_call), budget, on_error, bool(layer_maps))
         batch: list[tuple[int, ImageSource]] = []
         for index, source in enumerate(images):
             batch.append((index, source))
             if len(batch) == per_call:
-                yield self._explain_batch(batch, targets, prompts_per_call, memory_budget, on_error)
+                yield self._explain_batch(batch, targets, plan)
                 batch = []
         if batch:
-            yield self._explain_batch(batch, targets, prompts_per_call, memory_budget, on_error)
+            yield self._explain_batch(batch, targets, plan)
+
+    def _chunks(self, values: np.ndarray, per_call: int) -> list[tuple[Any, int]]:
+        """`values` (P, ...) in calls of `per_call`, each put where the image graph reads it."""
+        parts = [values[i : i + per_call] for i in range(0, len(values), per_call)]
+        return [(self._image_io.put(part), len(part)) for part in parts]
+
+    def _target_chunks(self, targets: _Targets, per_call: int) -> list[tuple[Any, int]]:
+        """The named targets in calls, put on the device once for every batch of this explain call;
+        the text graph's output as it is when one call takes every prompt. Top-K: none yet."""
+        if targets.text is not None:
+            if targets.text_kept is not None and per_call >= len(targets.text):
+                return [(targets.text_kept, len(targets.text))]
+            return self._chunks(targets.text, per_call)
+        if targets.class_ids is not None:
+            return self._chunks(targets.class_ids, per_call)
+        return []
 
     def explain(
         self,
@@ -505,7 +694,7 @@ class LeGradModel:
         parts = list(self.explain_batches(images, prompts, classes=classes, **kwargs))
         return _concat(parts)
 
-    def _explain_batch(self, batch, targets, prompts_per_call, memory_budget, on_error) -> Explanation:
+    def _explain_batch(self, batch, targets: _Targets, plan: _Plan) -> Explanation:
         cfg = self.metadata.preprocess
         pixels, originals, placements, sources, failures = [], [], [], [], []
         for index, source in batch:
@@ -515,7 +704,7 @@ class LeGradModel:
                 image = load_image(source, name=None if is_path else label, max_pixels=self.max_pixels)
                 x, placement = preprocess(image, cfg)
             except ImageInputError as exc:
-                if on_error == "raise":
+                if plan.on_error == "raise":
                     raise
                 failures.append(ImageFailure(index, label, exc))
                 continue
@@ -527,16 +716,15 @@ class LeGradModel:
         names = targets.names
         class_ids = None
         if pixels and targets.text is not None:
-            x = np.stack(pixels)
-            heat, layer_maps, embeds = self._run(x, "text_embeds", targets.text, prompts_per_call)
+            x = self._image_io.put(np.stack(pixels))  # once, for every prompt chunk
+            heat, layer_maps, embeds = self._run(x, len(pixels), "text_embeds", plan.chunks, plan.layer_maps)
             self._check_finite(sources, heat, layer_maps, embeds)
         elif pixels:
-            heat, layer_maps, embeds, class_ids = self._run_classes(
-                np.stack(pixels), targets, prompts_per_call, memory_budget, sources
-            )
+            heat, layer_maps, embeds, class_ids = self._run_classes(np.stack(pixels), targets, plan, sources)
         else:  # every image of this batch failed: zero rows, same shapes
             heat = np.zeros((0, len(names), *m.image_size), np.float32)
             layer_maps = np.zeros((0, len(names), len(m.layers), *m.grid_size), np.float32)
+            layer_maps = layer_maps if plan.layer_maps else None
             embeds = np.zeros((0, m.embed_dim), np.float32)
             class_ids = None if targets.text is not None else np.zeros((0, len(names)), np.int64)
         classifier = targets.text is None
@@ -560,37 +748,50 @@ class LeGradModel:
         )
 
     def _run(
-        self, x: np.ndarray, name: str, targets: np.ndarray, per_call: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The image graph on images x for targets (text embeddings or class ids), `per_call` at a time:
-        heatmaps, layer maps, and the third output (image embeddings or logits)."""
+        self, x: Any, batch: int, name: str, chunks: list[tuple[Any, int]], layer_maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The image graph on the `batch` images x (put on its device) for each chunk of targets (text
+        embeddings or class ids): heatmaps, layer maps (None unless asked for), and the third output
+        (image embeddings or logits, taken from the first call)."""
+        heat, maps, third = self._image_spec.output_names
         runs = [
-            self._image.run(None, {"pixel_values": x, name: targets[i : i + per_call]})
-            for i in range(0, len(targets), per_call)
+            self._image_io.run(
+                {"pixel_values": x, name: values},
+                host=[heat, *([maps] if layer_maps else []), *([third] if i == 0 else [])],
+                sizes={"batch": batch, "prompts": n},
+            )[0]
+            for i, (values, n) in enumerate(chunks)
         ]
-        return np.concatenate([r[0] for r in runs], 1), np.concatenate([r[1] for r in runs], 1), runs[0][2]
+        layers = np.concatenate([r[maps] for r in runs], 1) if layer_maps else None
+        return np.concatenate([r[heat] for r in runs], 1), layers, runs[0][third]
 
-    def _run_classes(self, x, targets, prompts_per_call, memory_budget, sources):
+    def _run_classes(self, pixels: np.ndarray, targets: _Targets, plan: _Plan, sources: list[str]):
         """A classifier's maps for the named classes, or for each image's top K: the logits of a first
-        run pick them, and one more run explains the batch's union of them."""
+        run pick them, and one more run explains the batch's union of them (the pixels put on the
+        device once for both)."""
+        x, batch = self._image_io.put(pixels), len(pixels)
         if targets.class_ids is not None:
-            heat, layer_maps, logits = self._run(x, "class_ids", targets.class_ids, prompts_per_call)
+            heat, layer_maps, logits = self._run(x, batch, "class_ids", plan.chunks, plan.layer_maps)
             self._check_finite(sources, heat, layer_maps, logits)
-            return heat, layer_maps, logits, np.tile(targets.class_ids, (len(x), 1))
-        logits = self._image.run(None, {"pixel_values": x, "class_ids": np.zeros(1, np.int64)})[2]
+            return heat, layer_maps, logits, np.tile(targets.class_ids, (batch, 1))
+        third = self._image_spec.output_names[2]
+        any_class = self._image_io.put(np.zeros(1, np.int64))
+        feeds = {"pixel_values": x, "class_ids": any_class}
+        logits = self._image_io.run(feeds, host=[third], sizes={"batch": batch, "prompts": 1})[0][third]
         self._check_finite(sources, logits)
         top = np.argsort(-logits, axis=1, kind="stable")[:, : targets.top_k].astype(np.int64)  # (B, K)
         union = np.unique(top)  # sorted ids; every image's top K among them
-        per_call = self.chunk_sizes(len(union), len(x), memory_budget)[1]
-        heat, layer_maps, _ = self._run(x, "class_ids", union, per_call)
+        per_call = self.chunk_sizes(len(union), batch, plan.memory_budget)[1]
+        heat, layer_maps, _ = self._run(x, batch, "class_ids", self._chunks(union, per_call), plan.layer_maps)
         self._check_finite(sources, heat, layer_maps)
         where = np.searchsorted(union, top)  # (B, K): each image's classes in the union
         heat = np.take_along_axis(heat, where[:, :, None, None], axis=1)
-        layer_maps = np.take_along_axis(layer_maps, where[:, :, None, None, None], axis=1)
+        if layer_maps is not None:
+            layer_maps = np.take_along_axis(layer_maps, where[:, :, None, None, None], axis=1)
         return heat, layer_maps, logits, top
 
-    def _check_finite(self, sources: list[str], *outputs: np.ndarray) -> None:
-        if not all(np.isfinite(out).all() for out in outputs):
+    def _check_finite(self, sources: list[str], *outputs: np.ndarray | None) -> None:
+        if not all(np.isfinite(out).all() for out in outputs if out is not None):
             raise ModelFolderError(
                 f"the image graph of {self.folder} gave NaN or infinite values for {', '.join(sources)}; "
                 "its weights are broken: re-export the model"
@@ -603,6 +804,7 @@ def load(
     verify: bool = True,
     threads: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    gpu_mem_limit: int | None = None,
 ) -> LeGradModel:
     """Load an exported model folder: metadata validated, every file inside it and (unless
     verify=False) matching its sha256, each graph's shapes agreeing with the metadata.
@@ -610,8 +812,19 @@ def load(
     `threads`: CPU cores each onnxruntime call may use (None: all physical cores).
     `max_pixels`: the most pixels an input image may decode to (larger JPEGs are decoded at
     a reduced scale, other formats refused before decoding).
+    `device`: 'auto' (CUDA when onnxruntime offers it), 'cpu', 'cuda' or 'cuda:N' (the N-th GPU);
+    CUDA asked for but unusable gives one DeviceFallbackWarning and the CPU.
+    `gpu_mem_limit`: bytes the CUDA provider's memory arena may hold (None: no cap); the default
+    memory budget is then half of it at most.
     """
-    return LeGradModel(folder, device=device, verify=verify, threads=threads, max_pixels=max_pixels)
+    return LeGradModel(
+        folder,
+        device=device,
+        verify=verify,
+        threads=threads,
+        max_pixels=max_pixels,
+        gpu_mem_limit=gpu_mem_limit,
+    )
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -670,7 +883,7 @@ def _concat(parts: list[Explanation]) -> Explanation:
 
     return Explanation(
         heatmaps=np.concatenate([p.heatmaps for p in parts]),
-        layer_maps=np.concatenate([p.layer_maps for p in parts]),
+        layer_maps=rows("layer_maps"),
         image_embeds=rows("image_embeds"),
         text_embeds=first.text_embeds,
         images=[im for p in parts for im in p.images],
