@@ -21,7 +21,7 @@ from timm.layers import resample_abs_pos_embed
 
 from .layers import DEFAULT_LAYERS, resolve_layers
 
-__all__ = ["LeGradOutput", "legrad_reference", "timm_trunk_at"]
+__all__ = ["LeGradOutput", "legrad_reference", "mha_attention", "timm_trunk_at"]
 
 
 @dataclass(frozen=True)
@@ -63,21 +63,23 @@ def _embed(visual, pixel_values: torch.Tensor) -> torch.Tensor:
     return visual.ln_pre(x)
 
 
-def _block_with_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ResidualAttentionBlock, batch-first, returning its output and attention probabilities.
-
-    The probabilities are made a leaf that requires grad: the score of this layer reaches them
-    only through this block, which is all LeGrad differentiates.
-    """
-    mha = block.attn
-    B, N, D = x.shape
+def mha_attention(mha, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nn.MultiheadAttention` (packed in_proj, batch-first) on h (B, N, D) with its softmax written
+    out: the out_proj input (B, N, D) and the attention probabilities (B, H, N, N), a leaf that
+    requires grad (the score of a layer reaches them only through its own block)."""
+    B, N, D = h.shape
     H = mha.num_heads
-    q, k, v = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (q, k, v))
     attn = torch.softmax(q @ k.transpose(-1, -2) / (D // H) ** 0.5, dim=-1)
     attn = attn.detach().requires_grad_(True)
-    o = (attn @ v).transpose(1, 2).reshape(B, N, D)
-    x = x + block.ls_1(mha.out_proj(o))
+    return (attn @ v).transpose(1, 2).reshape(B, N, D), attn
+
+
+def _block_with_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ResidualAttentionBlock, batch-first, returning its output and attention probabilities."""
+    o, attn = mha_attention(block.attn, block.ln_1(x))
+    x = x + block.ls_1(block.attn.out_proj(o))
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, attn
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from .layers import resolve_layers
-from .reference import timm_trunk_at
+from .reference import mha_attention, timm_trunk_at
 from .reference_timm import _block_with_attention as _timm_block_with_attention
 
 __all__ = [
@@ -53,14 +53,8 @@ class ClassifierLeGradOutput:
 def _block_with_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A torchvision EncoderBlock on x (B, N, D): its output and its attention probabilities, a
     leaf requiring grad (the score of this layer reaches them only through this block)."""
-    mha = block.self_attention
-    B, N, D = x.shape
-    H = mha.num_heads
-    q, k, v = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (q, k, v))
-    attn = torch.softmax(q @ k.transpose(-1, -2) / (D // H) ** 0.5, dim=-1)
-    attn = attn.detach().requires_grad_(True)
-    x = x + mha.out_proj((attn @ v).transpose(1, 2).reshape(B, N, D))
+    o, attn = mha_attention(block.self_attention, block.ln_1(x))
+    x = x + block.self_attention.out_proj(o)
     return x + block.mlp(block.ln_2(x)), attn
 
 
