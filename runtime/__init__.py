@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # the session pulls in onnxruntime; importing the package for the schema alone stays light
     if name in ("load", "LeGradModel", "Explanation", "ImageFailure"):
         from . import session

@@ -2,6 +2,7 @@
 
     legrad explain MODEL_DIR photos/*.jpg -p "a cat" -p "a remote control" --out out/
     legrad explain CLASSIFIER_DIR photos/*.jpg -c "tabby cat" -c 285    # or --top-k 3
+    legrad explain MODEL_DIR photo.jpg -p "a cat" --style contour        # or side-by-side
     legrad info MODEL_DIR
 
 Every output lands inside --out: OUT/<image>/<prompt>.png (names made safe and unique),
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from .classes import short_name
@@ -34,7 +36,7 @@ from .files import ensure_output_folder, printable, safe_name
 from .metadata import ModelMetadata, default_tower, read_metadata
 from .providers import DEVICE_FORMS, parse_device
 from .session import Explanation, LeGradModel, load
-from .visualize import COLORMAPS, save_png
+from .visualize import COLORMAPS, STYLES, save_png
 
 __all__ = ["main", "build_parser", "find_images"]
 
@@ -93,12 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="most GiB the CUDA provider's memory arena may hold (default: no limit)",
     )
     ex.add_argument("--batch-size", type=int, default=None, help="images per call (default: from memory)")
+    ex.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GiB of graph intermediates per onnxruntime call; smaller splits the work into more, "
+        "smaller calls with the same maps (default: 2 on the CPU, half the GPU's free memory on CUDA)",
+    )
+    ex.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU cores each onnxruntime call may use (default: all physical cores)",
+    )
+    ex.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the model folder's checksums and its check for unlisted files (a folder you trust); "
+        "paths are still kept inside the folder",
+    )
     ex.add_argument("--layers-figure", action="store_true", help="also write the per-layer figure")
     ex.add_argument(
         "--save-npy", action="store_true", help="also save heatmaps on the original images (.npy)"
     )
     ex.add_argument("--cmap", choices=sorted(COLORMAPS), default="jet", help="colormap (default: jet)")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1] (default: 0.5)")
+    ex.add_argument(
+        "--style",
+        choices=STYLES,
+        default="overlay",
+        help="overlay: the map blended over the image; contour: the image untouched under the map's "
+        "iso-lines (0.5, 0.75) and a ring at its peak; side-by-side: the image, then the overlay, "
+        "captioned (default: overlay)",
+    )
     add_max_pixels_option(ex, "skipped")
 
     info = sub.add_parser("info", help="print a model folder's metadata")
@@ -115,6 +146,15 @@ def _device(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _memory_budget(args: argparse.Namespace) -> int | None:
+    """--memory-budget in bytes, checked: (0, 16384] GiB."""
+    if args.memory_budget is None:
+        return None
+    if not 0 < args.memory_budget <= 16384:
+        raise UsageError(f"--memory-budget must be in (0, 16384] GiB, not {args.memory_budget:g}")
+    return max(1, int(args.memory_budget * 1024**3))
 
 
 def _gpu_mem_limit(args: argparse.Namespace) -> int | None:
@@ -165,13 +205,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-k must be a positive integer, not {args.top_k}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, not {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be a positive integer, not {args.threads}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], not {args.alpha}")
     max_pixels_from(args)
     _gpu_mem_limit(args)
+    _memory_budget(args)
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace) -> LeGradModel:
     """Load the model; a warning (CUDA asked for, CPU given) becomes one line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -180,6 +223,9 @@ def _load_model(args: argparse.Namespace):
             device=args.device,
             max_pixels=max_pixels_from(args),
             gpu_mem_limit=_gpu_mem_limit(args),
+            memory_budget=_memory_budget(args),
+            threads=args.threads,
+            verify=not args.no_verify,
         )
     for warning in caught:
         say(PROG, "warning", warning.message)
@@ -227,7 +273,8 @@ def _explain(args: argparse.Namespace) -> int:
         return _explain_classes(args, model, images, out)
     used: set[str] = set()
     names = [_unique(safe_name(p, "prompt"), used) for p in args.prompts]
-    failed, rows, image_dirs = 0, [], set()
+    failed, image_dirs = 0, set[str]()
+    rows: list[tuple[object, ...]] = []
     with tqdm(total=len(images), unit="image", desc="explain", disable=None, file=sys.stderr) as bar:
         for batch in model.explain_batches(images, args.prompts, batch_size=args.batch_size, on_error="skip"):
             for failure in batch.failures:
@@ -237,10 +284,12 @@ def _explain(args: argparse.Namespace) -> int:
                 folder = out / _unique(safe_name(Path(source).stem, "image"), image_dirs)
                 folder.mkdir(exist_ok=True)
                 for p, name in enumerate(names):
-                    save_png(batch.overlay(b, p, cmap=args.cmap, alpha=args.alpha), folder / f"{name}.png")
+                    cosine = float(batch.similarities[b, p])
+                    picture = _picture(args, batch, b, p, f"{args.prompts[p]}  (cosine {cosine:.3f})")
+                    save_png(picture, folder / f"{name}.png")
                     if args.layers_figure:
                         save_png(batch.layer_figure(b, p, cmap=args.cmap), folder / f"{name}__layers.png")
-                    rows.append((source, folder.name, args.prompts[p], float(batch.similarities[b, p])))
+                    rows.append((source, folder.name, args.prompts[p], cosine))
                 if args.save_npy:
                     maps = np.stack([batch.heatmap_on_original(b, p) for p in range(len(names))])
                     np.save(folder / "heatmaps.npy", maps)  # (P, H, W) on the original image
@@ -274,7 +323,8 @@ def _class_request(args: argparse.Namespace, model: LeGradModel) -> list[int] | 
 def _explain_classes(args: argparse.Namespace, model: LeGradModel, images: list[Path], out: Path) -> int:
     """`legrad explain` on a classifier: OUT/<image>/<class>.png per map, scores.csv per file."""
     request = _class_request(args, model)
-    failed, rows, image_dirs = 0, [], set()
+    failed, image_dirs = 0, set[str]()
+    rows: list[tuple[object, ...]] = []
     with tqdm(total=len(images), unit="image", desc="explain", disable=None, file=sys.stderr) as bar:
         for batch in model.explain_batches(
             images, classes=request, batch_size=args.batch_size, on_error="skip"
@@ -296,10 +346,25 @@ def _explain_classes(args: argparse.Namespace, model: LeGradModel, images: list[
     return EXIT_OK
 
 
-def _write_class_maps(args: argparse.Namespace, batch: Explanation, out: Path, image_dirs: set[str]) -> list:
+def _picture(args: argparse.Namespace, batch: Explanation, b: int, p: int, caption: str) -> Image.Image:
+    """Map (b, p) drawn as --style asks; a side-by-side picture is captioned (what, and its score)."""
+    return batch.overlay(
+        b,
+        p,
+        cmap=args.cmap,
+        alpha=args.alpha,
+        style=args.style,
+        caption=caption if args.style == "side-by-side" else None,
+    )
+
+
+def _write_class_maps(
+    args: argparse.Namespace, batch: Explanation, out: Path, image_dirs: set[str]
+) -> list[tuple[object, ...]]:
     """Each image's overlays (and figures, maps), one per class, named by the class; scores.csv rows."""
     class_ids = batch.class_ids if batch.class_ids is not None else np.zeros((0, 0), np.int64)
-    probs, logits, rows = batch.probabilities, batch.similarities, []
+    probs, logits = batch.probabilities, batch.similarities
+    rows: list[tuple[object, ...]] = []
     for b, source in enumerate(batch.sources):
         folder = out / _unique(safe_name(Path(source).stem, "image"), image_dirs)
         folder.mkdir(exist_ok=True)
@@ -307,7 +372,8 @@ def _write_class_maps(args: argparse.Namespace, batch: Explanation, out: Path, i
         for p in range(len(batch.prompts)):
             label = batch.label(b, p)
             name = _unique(safe_name(short_name(label), "class"), used)
-            save_png(batch.overlay(b, p, cmap=args.cmap, alpha=args.alpha), folder / f"{name}.png")
+            caption = f"{short_name(label)}  (probability {probs[b, p]:.3f})"
+            save_png(_picture(args, batch, b, p, caption), folder / f"{name}.png")
             if args.layers_figure:
                 save_png(batch.layer_figure(b, p, cmap=args.cmap), folder / f"{name}__layers.png")
             score = (int(class_ids[b, p]), label, float(probs[b, p]), float(logits[b, p]))

@@ -95,9 +95,10 @@ class BoundIO:
     def _host_array(self, name: str, sizes: Mapping[str, int]) -> np.ndarray | None:
         """An empty array for output `name` if its shape is known from `sizes`, else None."""
         meta = self._outputs[name]
-        shape = [sizes.get(d) if isinstance(d, str) else d for d in meta.shape]
+        dims = [sizes.get(d) if isinstance(d, str) else d for d in meta.shape]
+        shape = [d for d in dims if isinstance(d, int)]
         dtype = _NUMPY_TYPES.get(meta.type)
-        if dtype is None or not all(isinstance(d, int) for d in shape):
+        if dtype is None or len(shape) != len(dims):
             return None
         return np.empty(shape, dtype)
 

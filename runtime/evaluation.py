@@ -37,7 +37,7 @@ import contextlib
 import csv
 import io
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,12 +216,13 @@ def load_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
         img = img.convert("RGBA")
     elif img.mode not in ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F", "RGB", "RGBA"):
         img = img.convert("RGB")
-    values = np.asarray(img)
-    if values.ndim == 3:
-        if img.mode in ("LA", "RGBA"):
-            values = values[..., :-1]  # drop alpha
-        return (values != 0).any(axis=-1)
-    return values != 0
+    values: np.ndarray = np.asarray(img)
+    if img.mode in ("LA", "RGBA"):
+        values = values[..., :-1]  # drop alpha
+    nonzero: np.ndarray = np.not_equal(values, 0)
+    if nonzero.ndim == 3:
+        nonzero = np.logical_or.reduce(nonzero, axis=-1)  # any channel
+    return nonzero
 
 
 def _read_rows(csv_path: Path) -> list[dict[str, str]]:
@@ -420,7 +421,7 @@ def score_cases(
     by_image: dict[Path, list[int]] = {}
     for i, case in enumerate(cases):
         by_image.setdefault(case.image, []).append(i)
-    per_case: dict[str, list[CaseScore | None]] = {m: [None] * len(cases) for m in heatmaps}
+    per_case: dict[str, dict[int, CaseScore]] = {m: {} for m in heatmaps}  # case index → its score
     for members in by_image.values():  # one image's masks at a time: their union is its objects
         image_masks = {
             i: np.asarray(masks[i], dtype=bool) if masks is not None else load_mask(cases[i].mask, max_pixels)
@@ -463,13 +464,17 @@ def score_cases(
                 )
             )
     return Evaluation(
-        tuple(heatmaps), tuple(groups), threshold, tuple(rows), {m: tuple(s) for m, s in per_case.items()}
+        tuple(heatmaps),
+        tuple(groups),
+        threshold,
+        tuple(rows),
+        {m: tuple(s[i] for i in range(len(cases))) for m, s in per_case.items()},
     )
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return math.fsum(values) / len(values)
+def _mean(values: Iterable[float]) -> float:
+    items = list(values)
+    return math.fsum(items) / len(items)
 
 
 def format_table(evaluation: Evaluation) -> str:

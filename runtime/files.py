@@ -28,6 +28,7 @@ __all__ = [
     "UnreadableFile",
     "open_regular",
     "read_regular",
+    "read_limited",
     "inside",
     "safe_name",
     "ensure_output_folder",
@@ -73,7 +74,7 @@ def open_regular(path: str | Path) -> BinaryIO:
     try:
         fd = os.open(text, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise UnreadableFile(_REASONS.get(exc.errno, f"cannot be opened ({exc.strerror})")) from None
+        raise UnreadableFile(_REASONS.get(exc.errno or 0, f"cannot be opened ({exc.strerror})")) from None
     try:
         mode = os.fstat(fd).st_mode
         for is_kind, reason in _KINDS:
@@ -89,10 +90,16 @@ def open_regular(path: str | Path) -> BinaryIO:
 def read_regular(path: str | Path, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most `max_bytes`; UnreadableFile otherwise."""
     with open_regular(path) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > max_bytes:
-            raise UnreadableFile(f"is {size:,} bytes, more than the {max_bytes:,} allowed")
-        data = fh.read(max_bytes + 1)
+        return read_limited(fh, max_bytes)
+
+
+def read_limited(fh: BinaryIO, max_bytes: int) -> bytes:
+    """The rest of an open file if it is at most `max_bytes` (checked before and while reading, so a
+    file growing meanwhile is refused too); UnreadableFile otherwise."""
+    size = os.fstat(fh.fileno()).st_size
+    if size > max_bytes:
+        raise UnreadableFile(f"is {size:,} bytes, more than the {max_bytes:,} allowed")
+    data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise UnreadableFile(f"is more than the {max_bytes:,} bytes allowed")
     return data

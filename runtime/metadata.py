@@ -13,13 +13,15 @@ import math
 import os
 import re
 import string
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ModelFolderError, PromptError, SchemaVersionError
-from .files import UnreadableFile, inside, open_regular, printable, read_regular
+from .files import UnreadableFile, inside, open_regular, printable, read_limited, read_regular
 from .validate import FieldError, Fields, show
 
 __all__ = [
@@ -713,22 +715,71 @@ def _unlisted(folder: Path, meta: ModelMetadata) -> list[str]:
     return found
 
 
-def _check_entry(folder: Path, entry: FileEntry, data: bytes | None = None) -> str | None:
+# sha256 of files hashed in this process, so loading one folder again does not hash it again:
+# (real path, device, inode) → ((size, mtime_ns, ctime_ns), sha256). Memory only, never written
+# anywhere (model folders may be read-only or untrusted). A file is cached only if its mtime was
+# older than _SETTLED_NS when its hashing began: any later write then gets a newer mtime, even on
+# file systems with coarse timestamps (FAT: 2 s), and a write that restores the mtime (utime)
+# still moves the ctime. Any change of the stamp, inode or path means hashing again.
+_DIGESTS: dict[tuple[str, int, int], tuple[tuple[int, int, int], str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+_MAX_DIGESTS = 4096
+_SETTLED_NS = 3 * 10**9
+
+
+def _sha256(source: BinaryIO | bytes) -> str:
+    """sha256 (hex) of bytes, or of an open file read from its position to its end."""
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: source.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(fh: BinaryIO) -> tuple[int, int, int]:
+    st = os.fstat(fh.fileno())
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _digest(fh: BinaryIO, path: Path, started: int, data: bytes | None = None) -> str:
+    """sha256 of the open file at `path` (of `data`, its bytes, when already read), or the digest this
+    process found before for the same file (path, inode) with the same size, mtime and ctime.
+
+    `started`: time.time_ns() before the file's bytes were first read.
+    """
+    st = os.fstat(fh.fileno())
+    key = (os.path.realpath(path), st.st_dev, st.st_ino)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _DIGESTS_LOCK:
+        cached = _DIGESTS.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    digest = _sha256(fh if data is None else data)
+    if st.st_mtime_ns < started - _SETTLED_NS and _stamp(fh) == stamp:  # unchanged while hashed
+        with _DIGESTS_LOCK:
+            _DIGESTS[key] = (stamp, digest)
+            while len(_DIGESTS) > _MAX_DIGESTS:
+                del _DIGESTS[next(iter(_DIGESTS))]
+    return digest
+
+
+def _check_entry(folder: Path, entry: FileEntry) -> str | None:
     """None if the file matches its entry, else the problem in words."""
     path = inside(folder, entry.path)
     try:
-        if data is None:
-            with open_regular(path) as fh:
-                size = os.fstat(fh.fileno()).st_size
+        started = time.time_ns()
+        with open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             if size != entry.size_bytes:
                 return f"{entry.path} was altered (size {size:,} bytes, not {entry.size_bytes:,})"
-            digest = sha256_file(path)
-        else:
-            if len(data) != entry.size_bytes:
-                return f"{entry.path} was altered (size differs from {METADATA_FILE})"
-            digest = hashlib.sha256(data).hexdigest()
+            digest = _digest(fh, path, started)
     except UnreadableFile as exc:
         return f"{entry.path} {'is missing' if 'does not exist' in exc.reason else exc.reason}"
+    return _compare(entry, digest)
+
+
+def _compare(entry: FileEntry, digest: str) -> str | None:
     if digest != entry.sha256:
         return f"{entry.path} was altered (sha256 differs from {METADATA_FILE})"
     return None
@@ -754,18 +805,26 @@ class ModelFolder:
         check_layout(self.path, self.metadata, complete=verify)
 
     def read_bytes(self, rel: str, max_bytes: int = 1 << 31) -> bytes:
-        """The bytes of one file of the folder, checked against `files` when verifying."""
-        entry = self.metadata.files.get(rel)
+        """The bytes of one file of the folder, checked against `files` when verifying: the bytes
+        hashed (or found unchanged since this process hashed them) are the bytes returned."""
+        entry = self.metadata.files.get(rel) if self.verify else None
+        path = inside(self.path, rel)
         try:
-            limit = entry.size_bytes if self.verify and entry is not None else max_bytes
-            data = read_regular(inside(self.path, rel), limit)
+            started = time.time_ns()
+            with open_regular(path) as fh:
+                data = read_limited(fh, max_bytes if entry is None else entry.size_bytes)
+                digest = None if entry is None else _digest(fh, path, started, data)
         except UnreadableFile as exc:
             reason = "is missing" if "does not exist" in exc.reason else exc.reason
-            if self.verify and "allowed" in exc.reason:
+            if entry is not None and "allowed" in exc.reason:
                 reason = f"was altered (larger than {METADATA_FILE} says)"
             raise ModelFolderError(f"model folder {self.path}: {rel} {reason}; re-export the model") from None
-        if self.verify and entry is not None:
-            problem = _check_entry(self.path, entry, data)
+        if entry is not None and digest is not None:
+            problem = (
+                f"{entry.path} was altered (size differs from {METADATA_FILE})"
+                if len(data) != entry.size_bytes
+                else _compare(entry, digest)
+            )
             if problem:
                 raise ModelFolderError(f"model folder {self.path}: {problem}; re-export the model")
         return data

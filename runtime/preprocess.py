@@ -267,8 +267,9 @@ def _pad(img: Image.Image, border: tuple[int, int, int, int]) -> Image.Image:
     for 'P', white for CMYK), the palette kept. open_clip pads before converting to RGB."""
     fill = 0 if len(img.getbands()) == 1 else (0,) * len(img.getbands())
     padded = ImageOps.expand(img, border=border, fill=fill)
-    if img.mode == "P":
-        padded.putpalette(img.getpalette())
+    palette = img.getpalette() if img.mode == "P" else None
+    if palette is not None:
+        padded.putpalette(palette)
     return padded
 
 
@@ -284,7 +285,7 @@ def preprocess(image: Image.Image, cfg: PreprocessCfg) -> tuple[np.ndarray, Plac
     if image.width == 0 or image.height == 0:
         raise ImageInputError(f"image is empty ({image.width}x{image.height} pixels)")
     img, placement = _resize_and_crop(image, cfg)
-    x = np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255)
+    x: np.ndarray = np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255)
     x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (H, W, 3)
     return np.ascontiguousarray(x.transpose(2, 0, 1)), placement  # (3, H, W)
 

@@ -31,6 +31,7 @@ __all__ = [
     "Device",
     "NodePlacement",
     "OnnxruntimeMissingError",
+    "Providers",
     "cuda_free_memory",
     "cuda_options",
     "device_of",
@@ -118,7 +119,10 @@ def cuda_options(index: int = 0, gpu_mem_limit: int | None = None) -> dict[str, 
     return options
 
 
-def providers(device: Device, available: Iterable[str], gpu_mem_limit: int | None = None) -> list:
+Providers = list[str | tuple[str, dict[str, str]]]  # onnxruntime's `providers=`: names, or (name, options)
+
+
+def providers(device: Device, available: Iterable[str], gpu_mem_limit: int | None = None) -> Providers:
     """onnxruntime's `providers=` for a device: CUDA first (with its options) when asked for or
     'auto' and this onnxruntime offers it, the CPU always (for the nodes CUDA has no kernel for)."""
     options = cuda_options(device.index, gpu_mem_limit)  # checked on every machine, not only a GPU's

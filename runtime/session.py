@@ -62,6 +62,7 @@ from .providers import (
     CPU,
     CUDA,
     NodePlacement,
+    Providers,
     cuda_free_memory,
     device_of,
     fallback_nodes,
@@ -164,7 +165,8 @@ class Explanation:
             return np.take_along_axis(self.logits, self.class_ids, axis=1)
         if self.image_embeds is None or self.text_embeds is None:
             raise ValueError("this Explanation has neither embeddings nor a classifier's logits and classes")
-        return self.image_embeds @ self.text_embeds.T
+        cosines: np.ndarray = self.image_embeds @ self.text_embeds.T
+        return cosines
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -184,19 +186,38 @@ class Explanation:
         logits = self.logit_scale * self.similarities
         if self.logit_bias is None:
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            return e / e.sum(axis=1, keepdims=True)
+            softmax: np.ndarray = e / e.sum(axis=1, keepdims=True)
+            return softmax
         logits = logits + self.logit_bias
         e = np.exp(-np.abs(logits))  # in (0, 1]: never overflows, for either sign
-        return np.where(logits >= 0, 1 / (1 + e), e / (1 + e))
+        sigmoids: np.ndarray = np.where(logits >= 0, 1 / (1 + e), e / (1 + e))
+        return sigmoids
 
     def heatmap_on_original(self, b: int, p: int) -> np.ndarray:
         """Heatmap of image b / prompt p mapped back onto the original image (its height, width):
         the resize undone, 0 where 'shortest' cropped, the padding of 'longest' dropped."""
         return to_original(self.heatmaps[b, p], self.placements[b])
 
-    def overlay(self, b: int, p: int, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
-        """Heatmap over the ORIGINAL image, at its own size."""
-        return overlay(self.images[b], self.heatmap_on_original(b, p), cmap=cmap, alpha=alpha)
+    def overlay(
+        self,
+        b: int,
+        p: int,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        style: str = "overlay",
+        caption: str | None = None,
+    ) -> Image.Image:
+        """Heatmap of image b / prompt p on the ORIGINAL image, at its own size, drawn in `style`:
+        'overlay' (blended), 'contour' (the image untouched under the map's iso-lines) or
+        'side-by-side' (the image, then the overlay); `caption`, a line of text under the picture."""
+        return overlay(
+            self.images[b],
+            self.heatmap_on_original(b, p),
+            cmap=cmap,
+            alpha=alpha,
+            style=style,
+            caption=caption,
+        )
 
     def layer_figure(self, b: int, p: int, cmap: str = "jet") -> Image.Image:
         """One panel per explained layer (the paper's layer-importance figure), on the model input:
@@ -319,9 +340,12 @@ class LeGradModel:
         threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         gpu_mem_limit: int | None = None,
+        memory_budget: int | None = None,
     ):
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise InputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+        if memory_budget is not None:
+            _check_budget(memory_budget)
         wanted = parse_device(device)
         available = ort.get_available_providers()
         chosen = providers(wanted, available, gpu_mem_limit)  # also checks gpu_mem_limit
@@ -362,10 +386,10 @@ class LeGradModel:
         elif failure is not None:  # 'auto': the CPU is an accepted answer, but say why CUDA was not
             log.warning("device='auto' runs on the CPU: %s", failure)
         self._cpu_nodes = self._check_placement()
-        self.memory_budget = self._default_memory_budget(gpu_mem_limit)
+        self.memory_budget = memory_budget or self._default_memory_budget(gpu_mem_limit)
 
     def _session(
-        self, files: ModelFolder, spec: GraphSpec, chosen: list, threads: int | None
+        self, files: ModelFolder, spec: GraphSpec, chosen: Providers, threads: int | None
     ) -> tuple[ort.InferenceSession, str | None]:
         """One graph's session from the checked bytes; by path only when it has external weights
         (listed, hence checksummed; onnxruntime keeps their paths inside the folder).
@@ -418,7 +442,7 @@ class LeGradModel:
     def _warmup_feeds(self) -> dict[str, np.ndarray]:
         """One image and one prompt (or class 0): the smallest call of the image graph."""
         m = self.metadata
-        feeds = {"pixel_values": np.zeros((1, 3, *m.image_size), np.float32)}
+        feeds: dict[str, np.ndarray] = {"pixel_values": np.zeros((1, 3, *m.image_size), np.float32)}
         if m.is_classifier:
             feeds["class_ids"] = np.zeros(1, np.int64)
         else:
@@ -523,9 +547,11 @@ class LeGradModel:
         if self._text is None:
             return False
         wanted = {i.name: i.type for i in self._image.get_inputs()}.get(IMAGE_GRAPH.input_names[1])
-        return self._text.get_outputs()[0].type == wanted
+        return bool(self._text.get_outputs()[0].type == wanted)
 
-    def _text_embeds(self, prompts, text_embeds) -> tuple[np.ndarray, Any, list[str]]:
+    def _text_embeds(
+        self, prompts: str | Sequence[str] | None, text_embeds: np.ndarray | None
+    ) -> tuple[np.ndarray, Any, list[str]]:
         if prompts is None and text_embeds is None:
             raise PromptError(
                 "no prompts given; pass prompts (texts, e.g. 'a photo of a cat') or text_embeds"
@@ -538,7 +564,12 @@ class LeGradModel:
         emb = _check_embeddings(text_embeds, self.metadata.embed_dim)
         return emb, None, [f"embedding #{p}" for p in range(len(emb))]
 
-    def _targets(self, prompts, text_embeds, classes) -> _Targets:
+    def _targets(
+        self,
+        prompts: str | Sequence[str] | None,
+        text_embeds: np.ndarray | None,
+        classes: ClassRequest | None,
+    ) -> _Targets:
         """What each map explains: text embeddings (CLIP), class ids, or each image's top K classes."""
         if self.class_index is None:
             if classes is not None:
@@ -649,7 +680,7 @@ class LeGradModel:
             raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
-        budget = self.memory_budget if memory_budget is None else memory_budget
+        budget = self.memory_budget if memory_budget is None else _check_budget(memory_budget)
         targets = self._targets(prompts, text_embeds, classes)
         per_call, prompts_per_call = self.chunk_sizes(len(targets.names), batch_size, budget)
         plan = _Plan(self._target_chunks(targets, prompts_per_call), budget, on_error, bool(layer_maps))
@@ -681,22 +712,27 @@ class LeGradModel:
     def explain(
         self,
         images: ImageSource | Sequence[ImageSource],
-        prompts=None,
+        prompts: str | Sequence[str] | None = None,
         *,
         classes: ClassRequest | None = None,
         **kwargs: Any,
     ) -> Explanation:
         """Explain every image for every prompt (a classifier: every class); see `explain_batches`."""
-        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
-            images = [images]
-        if len(images) == 0:
+        many = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else images
+        if len(many) == 0:
             raise ImageInputError("no images given; pass at least one path, PIL image or uint8 array")
-        parts = list(self.explain_batches(images, prompts, classes=classes, **kwargs))
+        parts = list(self.explain_batches(many, prompts, classes=classes, **kwargs))
         return _concat(parts)
 
-    def _explain_batch(self, batch, targets: _Targets, plan: _Plan) -> Explanation:
+    def _explain_batch(
+        self, batch: list[tuple[int, ImageSource]], targets: _Targets, plan: _Plan
+    ) -> Explanation:
         cfg = self.metadata.preprocess
-        pixels, originals, placements, sources, failures = [], [], [], [], []
+        pixels: list[np.ndarray] = []
+        originals: list[Image.Image] = []
+        placements: list[Placement] = []
+        sources: list[str] = []
+        failures: list[ImageFailure] = []
         for index, source in batch:
             is_path = isinstance(source, (str, Path))
             label = str(source) if is_path else f"image #{index}"
@@ -714,7 +750,10 @@ class LeGradModel:
             sources.append(label)
         m = self.metadata
         names = targets.names
-        class_ids = None
+        heat: np.ndarray
+        layer_maps: np.ndarray | None
+        embeds: np.ndarray
+        class_ids: np.ndarray | None = None
         if pixels and targets.text is not None:
             x = self._image_io.put(np.stack(pixels))  # once, for every prompt chunk
             heat, layer_maps, embeds = self._run(x, len(pixels), "text_embeds", plan.chunks, plan.layer_maps)
@@ -765,7 +804,9 @@ class LeGradModel:
         layers = np.concatenate([r[maps] for r in runs], 1) if layer_maps else None
         return np.concatenate([r[heat] for r in runs], 1), layers, runs[0][third]
 
-    def _run_classes(self, pixels: np.ndarray, targets: _Targets, plan: _Plan, sources: list[str]):
+    def _run_classes(
+        self, pixels: np.ndarray, targets: _Targets, plan: _Plan, sources: list[str]
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
         """A classifier's maps for the named classes, or for each image's top K: the logits of a first
         run pick them, and one more run explains the batch's union of them (the pixels put on the
         device once for both)."""
@@ -805,6 +846,7 @@ def load(
     threads: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     gpu_mem_limit: int | None = None,
+    memory_budget: int | None = None,
 ) -> LeGradModel:
     """Load an exported model folder: metadata validated, every file inside it and (unless
     verify=False) matching its sha256, each graph's shapes agreeing with the metadata.
@@ -816,6 +858,11 @@ def load(
     CUDA asked for but unusable gives one DeviceFallbackWarning and the CPU.
     `gpu_mem_limit`: bytes the CUDA provider's memory arena may hold (None: no cap); the default
     memory budget is then half of it at most.
+    `memory_budget`: bytes of graph intermediates per onnxruntime call for explain calls that name
+    none (None: DEFAULT_MEMORY_BUDGET on the CPU, a share of the GPU's free memory on CUDA); a
+    smaller budget splits the work into more, smaller calls, with the same maps.
+    `verify=False` skips the checksums and the check that the folder holds no file its metadata does
+    not list (for a folder you trust); every path is still checked to stay inside the folder.
     """
     return LeGradModel(
         folder,
@@ -824,7 +871,15 @@ def load(
         threads=threads,
         max_pixels=max_pixels,
         gpu_mem_limit=gpu_mem_limit,
+        memory_budget=memory_budget,
     )
+
+
+def _check_budget(memory_budget: object) -> int:
+    """A memory budget as given, if it is a positive integer (bytes); InputError otherwise."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise InputError(f"memory_budget must be a positive integer (bytes), not {memory_budget!r}")
+    return memory_budget
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -869,7 +924,8 @@ def _check_embeddings(text_embeds: Any, embed_dim: int) -> np.ndarray:
     if (scale == 0).any():
         raise PromptError("text_embeds has rows that are all zero; they cannot be normalised")
     emb = emb / scale
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    unit: np.ndarray = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    return unit
 
 
 def _concat(parts: list[Explanation]) -> Explanation:

@@ -96,7 +96,7 @@ class Tokenizer:
         self.sot_token_id, self.eot_token_id = vocab[SOT], vocab[EOT]
         # open_clip appends its special tokens after the merges, SOT first: every id from SOT on
         self.special_ids = {t: i for t, i in vocab.items() if i >= self.sot_token_id}
-        specials = "|".join(re.escape(t) for t in sorted(self.special_ids, key=self.special_ids.get))
+        specials = "|".join(re.escape(t) for t in sorted(self.special_ids, key=self.special_ids.__getitem__))
         self._split = pre_tokenizers.Split(Regex(f"(?i){specials}|{_WORDS}"), "removed", invert=True)
         try:
             bpe = models.BPE(vocab, merges, end_of_word_suffix="</w>")
@@ -136,14 +136,14 @@ class Tokenizer:
             lines = read(paths["merges.txt"]).decode("utf-8").splitlines()
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8
             raise ModelFolderError(f"unreadable tokenizer file in {folder} ({exc}); re-export") from None
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        pairs = [line.split() for line in lines if line and not line.startswith("#version")]
         ok_vocab = isinstance(vocab, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
             for k, v in vocab.items()
         )
-        if not ok_vocab or any(len(m) != 2 for m in merges):
+        if not ok_vocab or any(len(m) != 2 for m in pairs):
             raise ModelFolderError(f"malformed tokenizer files in {folder}; re-export the model")
-        return cls(vocab, merges, cfg)
+        return cls(vocab, [(a, b) for a, b in pairs], cfg)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without SOT/EOT and untruncated (open_clip's `encode`)."""

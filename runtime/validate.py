@@ -7,10 +7,11 @@ Booleans are never integers here, and numbers must be finite.
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["FieldError", "Fields", "show"]
 
@@ -31,7 +32,7 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -40,7 +41,11 @@ def _is_number(value: Any) -> bool:
 
 
 class Fields:
-    """Checked access to the keys of one JSON object found at `prefix` in the document."""
+    """Checked access to the keys of one JSON object found at `prefix` in the document.
+
+    The getters are named after the JSON types they return (`int`, `bool`, `str`), so inside this
+    class those names are the methods: annotations after them spell `builtins.int` and so on.
+    """
 
     def __init__(self, data: Any, prefix: str, allowed: Sequence[str]):
         if not isinstance(data, dict):
@@ -67,7 +72,7 @@ class Fields:
             raise FieldError(self.name(key), f"must be an integer in [{lo}, {hi}], got {show(value)}")
         return value
 
-    def size(self, key: str, lo: int, hi: int) -> tuple[int, int]:
+    def size(self, key: str, lo: builtins.int, hi: builtins.int) -> tuple[builtins.int, builtins.int]:
         """An integer (a square) or a list [height, width] of two, each in [lo, hi]: (height, width)."""
         value = self.raw(key)
         if _is_int(value):
@@ -87,14 +92,14 @@ class Fields:
             raise FieldError(self.name(key), f"must be true or false, got {show(value)}")
         return value
 
-    def number(self, key: str, positive: bool = False) -> float:
+    def number(self, key: str, positive: builtins.bool = False) -> float:
         value = self.raw(key)
         if not _is_number(value) or (positive and value <= 0):
             kind = "a positive finite number" if positive else "a finite number"
             raise FieldError(self.name(key), f"must be {kind}, got {show(value)}")
         return float(value)
 
-    def str(self, key: str, max_length: int = 1000, choices: Sequence[str] | None = None) -> str:
+    def str(self, key: str, max_length: builtins.int = 1000, choices: Sequence[str] | None = None) -> str:
         value = self.raw(key)
         if not isinstance(value, str) or len(value) > max_length:
             raise FieldError(self.name(key), f"must be a string of at most {max_length} characters")
@@ -102,19 +107,21 @@ class Fields:
             raise FieldError(self.name(key), f"must be one of {', '.join(choices)}, got {show(value)}")
         return value
 
-    def optional_sha256(self, key: str) -> str | None:
+    def optional_sha256(self, key: builtins.str) -> builtins.str | None:
         value = self.data.get(key)
         if value is not None and not (isinstance(value, str) and _SHA256.match(value)):
             raise FieldError(self.name(key), f"must be null or 64 lower-case hex digits, got {show(value)}")
         return value
 
-    def sha256(self, key: str) -> str:
+    def sha256(self, key: builtins.str) -> builtins.str:
         value = self.raw(key)
         if not (isinstance(value, str) and _SHA256.match(value)):
             raise FieldError(self.name(key), f"must be 64 lower-case hex digits, got {show(value)}")
         return value
 
-    def numbers(self, key: str, length: int, positive: bool = False) -> tuple[float, ...]:
+    def numbers(
+        self, key: builtins.str, length: builtins.int, positive: builtins.bool = False
+    ) -> tuple[float, ...]:
         value = self.raw(key)
         ok = isinstance(value, list) and len(value) == length
         if not ok or not all(_is_number(v) and (not positive or v > 0) for v in value):
@@ -122,7 +129,9 @@ class Fields:
             raise FieldError(self.name(key), f"must be a list of {length} {kind}, got {show(value)}")
         return tuple(float(v) for v in value)
 
-    def ints(self, key: str, lo: int, hi: int, max_items: int) -> tuple[int, ...]:
+    def ints(
+        self, key: builtins.str, lo: builtins.int, hi: builtins.int, max_items: builtins.int
+    ) -> tuple[builtins.int, ...]:
         value = self.raw(key)
         ok = isinstance(value, list) and 0 < len(value) <= max_items
         if not ok or not all(_is_int(v) and lo <= v <= hi for v in value):
@@ -132,7 +141,9 @@ class Fields:
             )
         return tuple(value)
 
-    def strs(self, key: str, max_items: int, max_length: int = 1000) -> tuple[str, ...]:
+    def strs(
+        self, key: builtins.str, max_items: builtins.int, max_length: builtins.int = 1000
+    ) -> tuple[builtins.str, ...]:
         value = self.raw(key)
         ok = isinstance(value, list) and len(value) <= max_items
         if not ok or not all(isinstance(v, str) and 0 < len(v) <= max_length for v in value):
@@ -142,7 +153,7 @@ class Fields:
             )
         return tuple(value)
 
-    def object(self, key: str, max_items: int) -> dict[str, Any]:
+    def object(self, key: builtins.str, max_items: builtins.int) -> dict[builtins.str, Any]:
         value = self.raw(key)
         if not isinstance(value, dict) or len(value) > max_items:
             raise FieldError(self.name(key), f"must be a JSON object of at most {max_items} entries")

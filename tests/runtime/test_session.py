@@ -312,13 +312,6 @@ def test_a_map_head_tower_fits_far_more_prompts_per_call():
     assert clip_prompts >= 1 and map_prompts > 10 * clip_prompts
 
 
-def test_the_correction_costs_one_prompt_more_per_image():
-    budget = 64 * 1024**2
-    _, plain = _without_a_folder(_siglip_b16(correction=False)).chunk_sizes(100_000, 1, budget)
-    _, corrected = _without_a_folder(_siglip_b16()).chunk_sizes(100_000, 1, budget)
-    assert corrected == plain - 1
-
-
 def _explanation(image_embeds, text_embeds, logit_scale: float, logit_bias: float | None) -> Explanation:
     b, p = len(image_embeds), len(text_embeds)
     return Explanation(
@@ -394,33 +387,3 @@ def test_info_shows_the_tower_the_correction_and_the_bias():
     assert "correction" not in plain and "logit bias" not in plain
     off = _summary(dataclasses.replace(_siglip_b16(), correction=CorrectionCfg(False)))
     assert "  correction off:" in off
-
-
-def _resized(meta: ModelMetadata, height: int, width: int) -> ModelMetadata:
-    """`meta` at another (height, width); patch 16."""
-    grid = (height // 16, width // 16)
-    return dataclasses.replace(
-        meta,
-        image_size=(height, width),
-        grid_size=grid,
-        preprocess=dataclasses.replace(meta.preprocess, size=(height, width)),
-        tower=dataclasses.replace(meta.tower, grid=grid),
-    )
-
-
-@pytest.mark.parametrize("make", [_clip_b16, _siglip_b16])
-def test_chunk_sizes_count_height_times_width(make):
-    """224 x 224 and 112 x 448 have the same pixels and patches (196), so the same chunks; 224 x 448
-    has twice both, so fewer prompts fit a call."""
-    square, wide, double = make(), _resized(make(), 112, 448), _resized(make(), 224, 448)
-    for budget in (64 * 1024**2, 2 * 1024**3):
-        for prompts, batch in ((1, None), (1000, None), (100_000, 1)):
-            chunks = [
-                _without_a_folder(m).chunk_sizes(prompts, batch, budget) for m in (square, wide, double)
-            ]
-            assert chunks[0] == chunks[1]
-            assert chunks[2][0] <= chunks[0][0] and chunks[2][1] <= chunks[0][1]
-    assert (
-        _without_a_folder(double).chunk_sizes(100_000, 1, 2 * 1024**3)[1]
-        < (_without_a_folder(square).chunk_sizes(100_000, 1, 2 * 1024**3)[1])
-    )

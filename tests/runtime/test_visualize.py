@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legrad_runtime.visualize import COLORMAPS, colorize, grid, layer_figure, overlay, save_png
+from legrad_runtime.visualize import (
+    COLORMAPS,
+    STYLES,
+    colorize,
+    contour,
+    grid,
+    layer_figure,
+    overlay,
+    save_png,
+)
 
 
 def _image(width: int = 64, height: int = 48) -> Image.Image:
@@ -122,6 +131,97 @@ def test_wrong_types_raise_type_error():
         overlay(_image(), _blob(), alpha="0.5")
     with pytest.raises(TypeError, match="dtype"):
         colorize(np.array([["a", "b"]]))
+
+
+# ---------------------------------------------------------------- styles: contour, side-by-side
+
+
+def _texture(width: int = 300, height: int = 200) -> Image.Image:
+    """Random pixels: any pixel a style paints over differs from the original."""
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _radial(width: int = 300, height: int = 200, cx: float = 130, cy: float = 95, sigma: float = 30):
+    """A Gaussian bump at (cx, cy): its iso-line at level L is the circle of radius
+    sigma * sqrt(-2 ln L), and every pixel's distance to the centre is known."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    r = np.hypot(xx - cx, yy - cy)
+    return np.exp(-(r**2) / (2 * sigma**2)), r
+
+
+def test_contour_leaves_every_pixel_away_from_the_iso_lines_and_the_peak_untouched():
+    image = _texture()
+    heat, r = _radial()
+    out = np.asarray(overlay(image, heat, style="contour"))
+    original = np.asarray(image)
+    radii = {level: 30 * np.sqrt(-2 * np.log(level)) for level in (0.5, 0.75)}  # 35.3 and 22.8 px
+    near_a_line = np.logical_or.reduce([np.abs(r - radius) <= 4 for radius in radii.values()])
+    far = ~near_a_line & (r > 12)  # 12 px: room for the ring around the peak
+    assert far.mean() > 0.9  # the check below covers nearly the whole picture
+    np.testing.assert_array_equal(out[far], original[far])
+    assert (out != original).any()  # and the lines are there
+
+
+def test_contour_draws_each_level_in_its_colormap_color_all_around_its_iso_line():
+    heat, _ = _radial()
+    out = np.asarray(contour(_texture(), heat, cmap="jet"))
+    for level in (0.5, 0.75):
+        radius, color = 30 * np.sqrt(-2 * np.log(level)), colorize(np.array([[level]]), "jet")[0, 0]
+        hits = 0
+        for angle in np.radians(np.arange(0, 360, 5)):
+            ray = [
+                (round(95 + d * np.sin(angle)), round(130 + d * np.cos(angle)))
+                for d in radius + np.arange(-3, 1.5, 0.5)
+            ]
+            hits += any((out[y, x] == color).all() for y, x in ray)
+        assert hits >= 0.9 * 72, (level, hits)  # the line goes all the way round
+
+
+def test_contour_rings_the_peak_in_white_unless_asked_not_to():
+    heat, r = _radial()
+    white = (np.asarray(contour(_texture(), heat)) == 255).all(axis=-1)
+    assert white[r <= 12].sum() > 10 and not white[(r > 12) & (r < 20)].any()
+    unringed = (np.asarray(contour(_texture(), heat, peak=False)) == 255).all(axis=-1)
+    assert not unringed[r <= 12].any()
+
+
+def test_contour_of_a_flat_map_is_the_image_itself():
+    image = _texture(64, 48)
+    np.testing.assert_array_equal(np.asarray(contour(image, np.zeros((7, 7)))), np.asarray(image))
+
+
+def test_contour_resizes_the_map_and_accepts_any_image_mode():
+    out = overlay(_image(80, 60).convert("L"), _blob(7), style="contour")
+    assert out.mode == "RGB" and out.size == (80, 60)
+
+
+def test_side_by_side_is_the_image_then_its_overlay_at_the_same_height():
+    image, heat = _image(64, 48), _blob()
+    out = np.asarray(overlay(image, heat, alpha=0.4, style="side-by-side"))
+    assert out.shape == (48, 128, 3)
+    np.testing.assert_array_equal(out[:, :64], np.asarray(image))
+    np.testing.assert_array_equal(out[:, 64:], np.asarray(overlay(image, heat, alpha=0.4)))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_caption_goes_under_the_picture_in_every_style(style):
+    image, heat = _image(200, 120), _blob()
+    plain = np.asarray(overlay(image, heat, style=style))
+    captioned = np.asarray(overlay(image, heat, style=style, caption="a photo of a cat (0.283)"))
+    assert captioned.shape[1] == plain.shape[1] and captioned.shape[0] > plain.shape[0]
+    np.testing.assert_array_equal(captioned[: plain.shape[0]], plain)
+    assert (captioned[plain.shape[0] :] < 100).any()  # dark text on the white strip
+
+
+def test_bad_styles_captions_and_levels_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="overlay, contour, side-by-side"):
+        overlay(_image(), _blob(), style="heatmap")
+    with pytest.raises(TypeError, match="caption"):
+        overlay(_image(), _blob(), caption=3)
+    with pytest.raises(ValueError, match="levels"):
+        contour(_image(), _blob(), levels=(0.5, 1.5))
+    with pytest.raises(ValueError, match="NaN"):
+        overlay(_image(), np.full((4, 4), np.nan), style="contour")
 
 
 def test_layer_figure_grows_by_one_panel_per_layer():
