@@ -16,8 +16,8 @@ from legrad_shapes.sweep import main
 pytestmark = pytest.mark.torch
 
 TINY = dict(
-    vision_width=64, vision_layers=2, text_width=64, text_layers=1, embed_dim=32,
-    batch_size=8, steps=2, warmup=1, pool=16, threads=1,
+    vision_width=64, vision_layers=2, head_width=64, text_width=64, text_layers=1, embed_dim=32,
+    batch_size=8, steps=2, warmup=1, pool=16, threads=1, layers="all",
 )  # fmt: skip
 
 

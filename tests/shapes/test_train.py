@@ -37,7 +37,7 @@ def sin_cos_table(width: int, grid: int) -> torch.Tensor:
 
 
 TINY = dict(
-    vision_width=64, vision_layers=2, text_width=64, text_layers=1, embed_dim=32,
+    vision_width=64, vision_layers=2, head_width=64, text_width=64, text_layers=1, embed_dim=32,
     batch_size=8, steps=3, warmup=1, pool=32, threads=1, layers="all",
 )  # fmt: skip
 
@@ -226,12 +226,12 @@ def test_patch_dropout_drops_tokens_in_training_only_and_the_tail_sees_every_pat
 
 
 def test_head_width_sets_the_vision_heads_and_the_export_follows(tmp_path):
-    train(TrainConfig(**TINY, head_width=16), tmp_path)
+    train(TrainConfig(**TINY | {"head_width": 16}), tmp_path)
     loaded = load_openclip(str(tmp_path))
     assert loaded.model.visual.transformer.resblocks[0].attn.num_heads == 64 // 16
     assert_matches_reference(loaded, 64, "all")
     with pytest.raises(ValueError, match="head_width 48 must divide vision_width 64"):
-        TrainConfig(**TINY, head_width=48)
+        TrainConfig(**TINY | {"head_width": 48})
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,12 @@
     python -m legrad_shapes.cases VC --seed 20002 --count 200 --objects 2,3 --size 64
     python -m legrad_shapes.sweep runs.json OUT --cases VC --device cuda --parallel 8
 
-runs.json maps a run name to `TrainConfig` fields, e.g. {"wd2": {"weight_decay": 0.2, "steps": 5000}}.
-Each run is the `legrad_shapes.train` command in its own process (log in OUT/NAME.log, model folder in
-OUT/NAME), then `legrad-evaluate` for each layer set, also `--parallel` processes at a time. The table
-(zero-shot accuracy, LeGrad pointing and mIoU per layer set, shared-colour pointing, the best baseline)
-is printed and written to OUT/results.json.
+runs.json maps a run name to `TrainConfig` fields over the shipped recipe, or over the one of
+`train.RECIPES` that its "recipe" key names, e.g. {"wd2": {"recipe": "run4", "weight_decay": 0.2}}.
+Each run is the `legrad_shapes.train --recipe ...` command in its own process (log in OUT/NAME.log,
+model folder in OUT/NAME), then `legrad-evaluate` for each layer set, also `--parallel` processes at
+a time. The table (zero-shot accuracy, LeGrad pointing and mIoU per layer set, shared-colour
+pointing, the best baseline) is printed and written to OUT/results.json.
 
 This is for choosing a recipe on a GPU, where one run takes minutes; the shipped model is trained by
 the plain command on the CPU. On one GPU, start NVIDIA's MPS daemon first (`nvidia-cuda-mps-control
@@ -27,18 +28,31 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .train import TrainConfig
+from .train import FLAGS, make_config
 
-__all__ = ["main", "run_sweep", "summarise"]
+__all__ = ["main", "train_arguments", "run_sweep", "summarise"]
 
 BASELINES = ("cls-attention", "rollout", "centre-prior")
 
 
-def _train_command(name: str, fields: dict, out: Path, device: str) -> list[str]:
-    TrainConfig(**fields)  # refuse a bad run before any process starts
-    args = [sys.executable, "-m", "legrad_shapes.train", "--out", str(out / name), "--device", device]
+def train_arguments(fields: dict) -> list[str]:
+    """A runs.json entry as the training command's arguments: `--recipe NAME,FIELD=VALUE,...`, and
+    the operational fields (seed, steps, ...: a layer list has commas) as their own flags. Raises
+    ValueError for a run that cannot train."""
+    recipe, flags = [str(fields.get("recipe", "shipped"))], {}
     for key, value in fields.items():
-        args += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if key in {name for name, _, _ in FLAGS}:
+            flags[key] = text
+        elif key != "recipe":
+            recipe.append(f"{key}={text}")
+    make_config(",".join(recipe), **{k: fields[k] for k in flags if k != "device"})
+    return ["--recipe", ",".join(recipe)] + [a for key, text in flags.items() for a in (f"--{key}", text)]
+
+
+def _train_command(name: str, fields: dict, out: Path, device: str) -> list[str]:
+    args = [sys.executable, "-m", "legrad_shapes.train", "--out", str(out / name)]
+    args += train_arguments(fields) + ["--device", device]  # refuses a bad run before any process starts
     if device != "cpu" and "threads" not in fields:
         args += ["--threads", "1"]  # the CPU only feeds the GPU
     return args
@@ -121,7 +135,7 @@ def summarise(results: dict[str, dict], layer_sets: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m legrad_shapes.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", type=Path, help="JSON: {run name: TrainConfig fields}")
+    p.add_argument("runs", type=Path, help='JSON: {run name: {"recipe": NAME, TrainConfig fields}}')
     p.add_argument("out", type=Path, help="folder for the runs' logs, model folders and results.json")
     p.add_argument(
         "--cases", type=Path, required=True, help="validation cases (python -m legrad_shapes.cases)"

@@ -1,9 +1,10 @@
 """Train a small OpenCLIP model on generated scenes, contrastively, every present object's caption a
 positive. Deterministic under a seed (fixed thread count, fixed number of steps).
 
-    # the shipped model (README, run 16): 2 cores, about 26 minutes
-    python -m legrad_shapes.train --out assets/shapes-clip \
-        --vision-layers 6 --vision-width 96 --head-width 16 --layers=-5
+    # the shipped model (run 16 of the training log): 2 cores, about 26 minutes
+    python -m legrad_shapes.train --out assets/shapes-clip
+    # another run of the log, or a variation: a named recipe and/or TrainConfig fields over it
+    python -m legrad_shapes.train --out RUN --recipe run5,weight_decay=0.2 --steps 4800
 
 The output folder is an open_clip `local-dir:` model (open_clip_config.json + fp16 safetensors) plus
 `legrad_defaults.json`: the layer set the exporter should use for it and its vocabulary (colours, shapes,
@@ -18,7 +19,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,18 @@ from safetensors.torch import save_file
 from .scenes import COLORS, SHAPES, TEMPLATES, class_captions, make_scene, partial_captions
 
 __all__ = [
+    "FLAGS",
+    "RECIPES",
     "TrainConfig",
     "background_evidence",
     "caption_overlap",
     "grid_of",
     "image_and_patch_embeddings",
+    "make_config",
     "model_config",
     "multi_positive_loss",
+    "parse_args",
+    "parse_recipe",
     "token_caption_loss",
     "train",
     "zero_shot_accuracy",
@@ -57,11 +63,14 @@ VAL_SINGLE_SEED = 20_001  # held-out streams for choices made during development
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A training run. The defaults are the shipped model's recipe (run 16 of the training log); the
+    options that are off by default are the log's research, reached through `RECIPES` / `--recipe`."""
+
     image_size: int = 64
     patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
-    head_width: int = 64  # the vision tower's heads: vision_width / head_width
+    vision_width: int = 96
+    vision_layers: int = 6
+    head_width: int = 16  # the vision tower's heads: vision_width / head_width
     mlp_ratio: float = 4.0  # the vision tower's MLP width over its width
     text_width: int = 128
     text_layers: int = 3
@@ -75,14 +84,14 @@ class TrainConfig:
     weight_decay: float = 0.05
     seed: int = 0
     threads: int = 2
-    layers: str = "-3"  # written to legrad_defaults.json; choose it on validation scenes (seed 20_002)
+    layers: str = "-5"  # written to legrad_defaults.json; choose it on validation scenes (seed 20_002)
     logit_scale: float = 1 / 0.07  # the learnable inverse temperature's start (CLIP's default)
     partial_captions: bool = True  # also 'a circle', 'a red object' as captions
     text_separation: float = 1.0  # weight of `caption_overlap`: keeps class captions' embeddings apart
     pos_embed: str = "learnable"  # or "sin_cos_2d": fixed 2-D sine-cosine positions (open_clip option)
     fused_adamw: bool = False  # steps about 23% faster here, but not bit for bit the shipped run
     # weight of `token_caption_loss` (each patch names what covers it); 0: off. It lifts zero-shot
-    # accuracy but LeGrad's maps then stop localising (README, "What moved it": run 7)
+    # accuracy but LeGrad's maps then stop localising (the training log: run 7)
     token_loss: float = 0.0
     background_caption: str = "background"  # what background patches name in it ("": left free)
     # weight of `background_evidence`: background patches must not prefer the objects present; 0: off.
@@ -133,6 +142,59 @@ class TrainConfig:
                 raise ValueError(f"warm_steps {self.warm_steps} must lie in 1..{self.steps - 1}")
             if self.token_loss:
                 raise ValueError("token_loss labels patches at image_size; it cannot run with warm_size")
+
+
+# The training log's runs that a command reproduces, as TrainConfig fields over the defaults (the
+# shipped run 16). Runs 4-14 were trained when run 4's tower was the default; runs 1-3 (CLS pooling)
+# and 9 (a throwaway script) have no command here.
+_RUN4 = {"vision_layers": 4, "vision_width": 128, "head_width": 64, "layers": "-3"}
+_RUN5 = _RUN4 | {"pos_embed": "sin_cos_2d", "fused_adamw": True, "steps": 5000}
+RECIPES: dict[str, dict] = {
+    "shipped": {},  # run 16
+    "run4": _RUN4,  # shipped first
+    "run5": _RUN5,
+    "run7": _RUN5 | {"token_loss": 3.0, "background_caption": "", "steps": 4500},
+    "run8": _RUN5 | {"image_size": 48, "steps": 7000},
+    "run10": _RUN5 | {"warm_size": 48, "warm_steps": 4000, "steps": 6000},
+    "run11": _RUN5 | {"warm_size": 48, "warm_steps": 5200, "steps": 6200},
+    "run12": _RUN4 | {"seed": 1},
+    "run13": _RUN5 | {"weight_decay": 0.2, "steps": 4800},
+    "run14": _RUN4 | {"head_width": 32},
+    "run15": _RUN4 | {"vision_layers": 6, "vision_width": 96, "head_width": 32, "layers": "all"},
+    "run17": {"seed": 1, "layers": "-4"},
+}
+_FIELDS = {f.name: type(f.default) for f in fields(TrainConfig)}
+
+
+def _field_value(key: str, text: str) -> object:
+    kind = _FIELDS[key]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key}={text!r}: expected true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected {kind.__name__}") from None
+
+
+def parse_recipe(spec: str) -> dict:
+    """`NAME`, `NAME,FIELD=VALUE,...` or `FIELD=VALUE,...` as TrainConfig fields: the named recipe of
+    `RECIPES` (default "shipped") with the given fields over it, e.g. "run5,weight_decay=0.2,seed=1"."""
+    items = [item.strip() for item in spec.split(",")] if spec.strip() else []
+    name = items.pop(0) if items and "=" not in items[0] else "shipped"
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    out = dict(RECIPES[name])
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"{item!r} in recipe {spec!r}: expected FIELD=VALUE (layer lists: --layers)")
+        if key not in _FIELDS:
+            raise ValueError(f"unknown TrainConfig field {key!r}; fields: {', '.join(_FIELDS)}")
+        out[key] = _field_value(key, text.strip())
+    return out
 
 
 def model_config(cfg: TrainConfig) -> dict:
@@ -238,7 +300,7 @@ def token_caption_loss(
     background caption (`TrainConfig.background_caption`). The masks are the generator's own, so this
     dense signal costs nothing to label. It teaches shape far faster than the pooled loss alone, but
     a model trained with it no longer routes class evidence through its last blocks' attention, so
-    LeGrad's maps stop pointing at the queried object (README: run 7)."""
+    LeGrad's maps stop pointing at the queried object (the training log: run 7)."""
     logits = scale * tokens @ text.T  # (B, N, C)
     return F.cross_entropy(logits.flatten(0, 1), patches.flatten(), ignore_index=-1)
 
@@ -459,19 +521,48 @@ def save_model_folder(model: open_clip.CLIP, cfg: TrainConfig, out: Path, summar
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+# the command line's plain operational settings, each over the recipe's: (TrainConfig field, type, help)
+FLAGS = (
+    ("seed", int, "seed of the scenes, the initialisation and the batches"),
+    ("steps", int, "optimiser steps"),
+    ("pool", int, "scenes rendered up front and sampled from; 0: a fresh scene every step"),
+    ("threads", int, "torch CPU threads"),
+    ("device", str, "cpu or cuda"),
+    ("layers", str, "the layer set written to legrad_defaults.json, chosen on validation"),
+)
+
+
+def make_config(recipe: str = "shipped", **flags: object) -> TrainConfig:
+    """`--recipe`'s config with the operational flags that are not None over it."""
+    return TrainConfig(**parse_recipe(recipe) | {k: v for k, v in flags.items() if v is not None})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:
+    """The command line as (config, output folder); a bad recipe or config exits with the reason."""
     parser = argparse.ArgumentParser(
         prog="python -m legrad_shapes.train", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
-    for f in TrainConfig.__dataclass_fields__.values():
-        kind = (
-            (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
-        )
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    summary = train(TrainConfig(**args), out)
+    parser.add_argument(
+        "--recipe",
+        default="shipped",
+        metavar="NAME,FIELD=VALUE",
+        help=f"a run of the training log ({', '.join(RECIPES)}; default: shipped, run 16) with "
+        "TrainConfig fields over it, e.g. run5,weight_decay=0.2",
+    )
+    for name, kind, text in FLAGS:
+        shipped = getattr(TrainConfig, name)
+        parser.add_argument(f"--{name}", type=kind, help=f"{text} (default: the recipe's, shipped {shipped})")
+    args = parser.parse_args(argv)
+    try:
+        return make_config(args.recipe, **{name: getattr(args, name) for name, _, _ in FLAGS}), args.out
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, out = parse_args(argv)
+    summary = train(cfg, out)
     print(f"trained in {summary['train_seconds']:.0f} s; zero-shot {summary['val_zero_shot']}; wrote {out}")
     return 0
 
