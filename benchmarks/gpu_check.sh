@@ -189,7 +189,7 @@ then
   mkdir -p "$SITE/project"
   ln -sfn "$ROOT/runtime" "$SITE/project/legrad_runtime"
   ln -sfn "$ROOT/export" "$SITE/project/legrad_export"
-  ln -sfn "$ROOT/shapes" "$SITE/project/legrad_shapes"
+  ln -sfn "$ROOT/tools/shapes/legrad_shapes" "$SITE/project/legrad_shapes"
   export PYTHONPATH="$SITE/project${PYTHONPATH:+:$PYTHONPATH}"
   note "install: this tree's packages linked from $SITE/project (no pip install needed)"
 fi

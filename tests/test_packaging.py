@@ -3,7 +3,8 @@
 onnxruntime and onnxruntime-gpu install the same `onnxruntime` module; pip puts both in when two
 extras ask for one each, and then whichever unpacked last wins (often the CPU one, silently). So the
 exporter's extra names neither, and each install picks one with `cpu` or `gpu`. The combinations
-checked are the ones below and every one the README and CI name (`legrad-onnx[...]`, `".[...]"`).
+checked are the ones below and every one the README and the Makefile (which CI runs) name
+(`legrad-onnx[...]`, `".[...]"`).
 Torch-free: pyproject.toml is read with tomllib and requirements parsed with `packaging` (a pytest
 dependency).
 """
@@ -32,10 +33,10 @@ def _project() -> dict:
 
 
 def documented(*files: str) -> list[str]:
-    """Every extras list an install line of these files (default: the README and CI) names,
+    """Every extras list an install line of these files (default: the README and the Makefile) names,
     normalised ('export,cpu')."""
     found = []
-    for name in files or ("README.md", ".ci/run"):
+    for name in files or ("README.md", "Makefile"):
         for match in _INSTALL.finditer((ROOT / name).read_text(encoding="utf-8")):
             found.append(",".join(e.strip() for e in match.group(1).split(",")))
     return found
@@ -81,10 +82,10 @@ def test_the_exporter_extra_leaves_the_onnxruntime_build_to_cpu_or_gpu():
     assert [n for n in requirement_names("gpu") if n in BUILDS] == ["onnxruntime-gpu"]
 
 
-def test_the_readme_and_ci_name_both_exporter_pairs_and_ci_installs_one_of_them():
+def test_the_readme_names_both_exporter_pairs_and_the_makefile_installs_one_of_them():
     readme = set(documented("README.md"))
     assert {"export,cpu", "export,gpu", "cpu", "gpu"} <= readme, readme
-    assert "export,cpu,test" in documented(".ci/run")
+    assert "export,cpu,test" in documented("Makefile")
 
 
 def test_the_requirement_reader_follows_self_references(tmp_path, monkeypatch):
