@@ -6,8 +6,10 @@ Bad input ends in one line on stderr and exit code 2; progress goes to stderr, t
 Exit codes as for every command of the project (legrad_runtime.cli_runner): 0, 2 bad input,
 3 internal error, 130 Ctrl-C, 143 SIGTERM (the temporary folder is removed on both).
 
-Torch and open_clip are imported only after the arguments and the output folder are checked, and
-inside the part that answers Ctrl-C with one line.
+Torch and open_clip are imported only after the arguments and the output folder are checked
+(`arguments.py`: model names, tags and paths, without torch), and inside the part that answers
+Ctrl-C with one line. --pretrained is required for open_clip names and classifiers: random weights
+only when asked for (`--pretrained none`), with a warning.
 """
 
 from __future__ import annotations
@@ -20,14 +22,23 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from legrad_runtime.cli_runner import EXIT_OK, run_main
+from legrad_runtime.cli_runner import EXIT_OK, run_main, say
 from legrad_runtime.errors import ExportError
 from legrad_runtime.files import ensure_output_folder
 from legrad_runtime.metadata import RESIZE_MODES, Size, parse_size
 
-from .layers import DEFAULT_LAYERS
+from .arguments import check_model_arguments, random_weights_note
+from .layers import DEFAULT_LAYERS, parse_layer_spec
 
-__all__ = ["main", "build_parser", "IMAGE_SIZE_HELP", "RESIZE_MODE_HELP", "image_size_option"]
+__all__ = [
+    "main",
+    "build_parser",
+    "IMAGE_SIZE_HELP",
+    "PRETRAINED_HELP",
+    "RESIZE_MODE_HELP",
+    "image_size_option",
+    "check_loading_options",
+]
 
 PROG = "legrad-export"
 
@@ -43,6 +54,12 @@ _STAGE_TEXT = {
 IMAGE_SIZE_HELP = (
     "input size: 448 (a square) or WIDTHxHEIGHT such as 448x336 (landscape 4:3), each side a multiple "
     "of the patch (default: the model's)"
+)
+PRETRAINED_HELP = (
+    "the weights, required for open_clip names and classifiers: an open_clip tag (e.g. "
+    "laion2b_s34b_b88k), a torchvision weights name (IMAGENET1K_V1), 'hub' (timm's weights), a local "
+    "checkpoint path, or 'none' for random weights (maps that mean nothing); not for local-dir: or "
+    "hf-hub: models, which carry their own"
 )
 RESIZE_MODE_HELP = (
     "how the runtime fits images to the input: squash (LeGrad's demos, the whole image, aspect not "
@@ -69,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrained",
         default=None,
-        help="open_clip tag (e.g. laion2b_s34b_b88k), a torchvision weights name (IMAGENET1K_V1), 'hub' "
-        "(timm's weights), a local checkpoint path, or 'none' for random weights (the default); with "
-        "--list-models, list every pretrained (model, tag) pair",
+        help=PRETRAINED_HELP + "; with --list-models (any value), list every pretrained (model, tag) pair",
     )
     p.add_argument("--image-size", default=None, metavar="SIZE", help=IMAGE_SIZE_HELP)
     p.add_argument(
@@ -113,26 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_loading_options(p: argparse.ArgumentParser) -> None:
-    """--tokenizer and --cache-dir: how the model's parts are found, the same on every torch-side CLI."""
+def add_loading_options(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--tokenizer and --cache-dir: how the model's parts are found, the same on every torch-side CLI;
+    `note` starts their help."""
     p.add_argument(
         "--tokenizer",
         default=None,
         metavar="PATH",
-        help="the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or tokenizer.json",
+        help=f"{note}the Hugging Face tokenizer of SigLIP-style models, offline: its saved folder or "
+        "tokenizer.json",
     )
-    p.add_argument("--cache-dir", default=None, help="open_clip / Hugging Face download cache")
+    p.add_argument("--cache-dir", default=None, help=f"{note}open_clip / Hugging Face download cache")
+
+
+def check_loading_options(prog: str, args: argparse.Namespace) -> None:
+    """--model, --pretrained, --tokenizer and --layers as far as they can be checked without torch
+    (ExportError); then one warning line if the weights will be random."""
+    if args.layers is not None:
+        try:
+            parse_layer_spec(args.layers)
+        except ValueError as exc:
+            raise ExportError(f"--layers: {exc}") from None
+    check_model_arguments(args.model, args.pretrained, args.tokenizer)
+    note = random_weights_note(args.model, args.pretrained)
+    if note is not None:
+        say(prog, "warning", note)
 
 
 def load_from_args(args: argparse.Namespace):
     """`load_openclip` (or `load_classifier` for torchvision:/timm: names) on the parsed --model,
-    --pretrained, --cache-dir and --tokenizer (imports torch)."""
+    --pretrained, --cache-dir and --tokenizer, checked by `check_loading_options` (imports torch)."""
     from .load import load_openclip
     from .load_classifier import is_classifier_name, load_classifier
 
     if is_classifier_name(args.model):
-        if args.tokenizer is not None:
-            raise ExportError(f"--tokenizer is for CLIP-style models; {args.model} is a classifier: drop it")
         return load_classifier(args.model, args.pretrained or "none")
 
     return load_openclip(
@@ -190,6 +219,7 @@ def _export(args: argparse.Namespace) -> int:
         image_size = image_size_option(args.image_size)
     except ValueError as exc:
         raise ExportError(f"--image-size {args.image_size}: {exc}") from None
+    check_loading_options(PROG, args)
     try:
         out = ensure_output_folder(args.out)  # before the slow part
     except ValueError as exc:

@@ -5,7 +5,8 @@ preprocessed as the runtime does (`legrad_runtime.preprocess`), explained by the
 module for all of its prompts in one forward, and every method's map is put back onto the
 original image (`to_original`) before `legrad_runtime.evaluation` scores it. Methods: LeGrad, the
 last block's CLS attention, attention rollout (both from the same ViT, text-agnostic), a centre
-prior (model-free), and optionally a folder of saved heatmaps.
+prior (model-free), and optionally a folder of saved heatmaps. An exported model folder is scored
+by `evaluate_folder.py` instead, through the runtime.
 """
 
 from __future__ import annotations
@@ -27,19 +28,16 @@ from legrad_runtime.metadata import Size
 from legrad_runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_original
 
 from .baselines import attention_rollout, cls_attention
+from .evaluate_folder import CENTRE_PRIOR, CLS_ATTENTION, LEGRAD, ROLLOUT, plan_calls, prompts_by_image
 from .graphs import TextGraph, build_image_graph
 from .legrad import upsample
 from .load import LoadedModel
 
 __all__ = ["METHODS", "compute_heatmaps", "evaluate_cases"]
 
-LEGRAD, CLS_ATTENTION, ROLLOUT, CENTRE_PRIOR = "legrad", "cls-attention", "rollout", "centre-prior"
 METHODS = (LEGRAD, CLS_ATTENTION, ROLLOUT, CENTRE_PRIOR)
 _PAIR_BUDGET_BYTES = 2**30  # per call: images × prompts × heads × N² float32 of LeGrad intermediates
 _TEXT_CHUNK = 256
-# a call runs its images against the union of their prompts: it may do up to this many times the
-# (image, prompt) maps its cases need, since fewer, larger calls beat many small ones on CPU
-_MAX_WASTE = 4
 
 
 def _embed_prompts(loaded: LoadedModel, prompts: Sequence[str]) -> torch.Tensor:
@@ -51,32 +49,6 @@ def _embed_prompts(loaded: LoadedModel, prompts: Sequence[str]) -> torch.Tensor:
             for i in range(0, len(prompts), _TEXT_CHUNK)
         ]
     return torch.cat(chunks)
-
-
-def _plan(
-    by_image: dict[Path, list[str]], batch_size: int, max_pairs: int
-) -> list[list[tuple[Path, list[str]]]]:
-    """Calls of (image, its prompts) pairs, at most `batch_size` images and `max_pairs` maps each.
-    Images join a call while it computes at most _MAX_WASTE times the maps its cases need."""
-    pieces = [
-        (path, prompts[i : i + max_pairs])
-        for path, prompts in by_image.items()
-        for i in range(0, len(prompts), max_pairs)
-    ]
-    calls: list[list[tuple[Path, list[str]]]] = []
-    union: set[str] = set()
-    needed = 0
-    for path, prompts in pieces:
-        if calls and len(calls[-1]) < batch_size:
-            new_union = union | set(prompts)
-            work = (len(calls[-1]) + 1) * len(new_union)
-            if work <= max_pairs and work <= _MAX_WASTE * (needed + len(prompts)):
-                calls[-1].append((path, prompts))
-                union, needed = new_union, needed + len(prompts)
-                continue
-        calls.append([(path, prompts)])
-        union, needed = set(prompts), len(prompts)
-    return calls
 
 
 def _to_input(maps: torch.Tensor, size: Size) -> np.ndarray:
@@ -117,13 +89,8 @@ def compute_heatmaps(
     prompt_index = {p: i for i, p in enumerate(prompts)}
     text_embeds = _embed_prompts(loaded, prompts)
 
-    by_image: dict[Path, list[str]] = {}
-    for case in cases:
-        listed = by_image.setdefault(case.image, [])
-        if case.prompt not in listed:
-            listed.append(case.prompt)
     pair_bytes = 4 * vit.cfg.heads * vit.num_tokens**2 * 3
-    calls = _plan(by_image, max(1, batch_size), max(1, _PAIR_BUDGET_BYTES // pair_bytes))
+    calls = plan_calls(prompts_by_image(cases), max(1, batch_size), max(1, _PAIR_BUDGET_BYTES // pair_bytes))
 
     found: dict[tuple[Path, str], dict[str, np.ndarray]] = {}
     done, total = 0, sum(len(call) for call in calls)

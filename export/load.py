@@ -8,7 +8,6 @@ into one clear `ExportError`.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import pickle
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from legrad_runtime.errors import ExportError, UnsupportedModelError
 from legrad_runtime.metadata import PreprocessCfg, Size, Vocabulary, as_size, sha256_file
 
+from .arguments import unknown_model_message, unknown_tag_message
 from .layers import DEFAULT_LAYERS
 from .support import model_support
 from .text_tokenizer import load_tokenizer
@@ -127,14 +127,6 @@ class LoadedModel:
         return None if bias is None else float(bias.item())
 
 
-def _suggest(name: str) -> str:
-    models = open_clip.list_models()
-    close = [m for m in models if m.lower() == name.lower()]
-    close += [m for m in difflib.get_close_matches(name, models, n=5, cutoff=0.6) if m not in close]
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    return f"unknown model {name!r}; {hint}see `legrad-export --list-models` for all names"
-
-
 def _check_download_possible(model_name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> None:
     """Fail in seconds, not after a minute of retries, when uncached weights cannot be fetched."""
     if os.environ.get("HF_HUB_OFFLINE"):
@@ -184,13 +176,7 @@ def _resolve_pretrained(
     if path.is_file():
         return str(path), path.name, sha256_file(path), False
     tags = list_pretrained_tags_by_model(model_name)
-    known = (
-        f"known tags for {model_name}: {', '.join(tags)}" if tags else f"{model_name} has no open_clip tags"
-    )
-    raise ExportError(
-        f"--pretrained {pretrained!r} is neither an open_clip tag nor an existing file ({known}); "
-        "pass a tag, a local checkpoint path, or 'none' for random weights"
-    )
+    raise ExportError(unknown_tag_message(model_name, pretrained, tags))
 
 
 def _local_dir_checkpoint(model_name: str) -> tuple[str, str | None]:
@@ -211,7 +197,7 @@ def load_openclip(
         model_name = f"local-dir:{model_name}"
     schema = next((s for s in _SCHEMAS if model_name.startswith(s)), None)
     if schema is None and model_name not in open_clip.list_models():
-        raise ExportError(_suggest(model_name))
+        raise ExportError(unknown_model_message(model_name, open_clip.list_models()))
 
     force_quick_gelu = False
     if schema is not None and pretrained.lower() not in ("", "none", "random"):

@@ -143,9 +143,12 @@ def test_the_classifier_is_not_modified(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "torchvision:vit_b_99"], "unknown torchvision ViT 'vit_b_99'; choose one of vit_b_16"),
+        (
+            ["--model", "torchvision:vit_b_99", "--pretrained", "none"],
+            "unknown torchvision ViT 'vit_b_99'; choose one of vit_b_16",
+        ),
         (["--model", "torchvision:vit_b_16", "--pretrained", "IMAGENET9K"], "IMAGENET1K_V1"),
-        (["--model", "timm:vit_nonexistent_patch16"], "unknown timm model"),
+        (["--model", "timm:vit_nonexistent_patch16", "--pretrained", "none"], "unknown timm model"),
         (["--model", "timm:vit_tiny_patch16_224", "--pretrained", "laion2b"], "must be 'hub'"),
         (["--model", "torchvision:vit_b_16", "--tokenizer", "x"], "--tokenizer is for CLIP-style models"),
         (["--model", "torchvision:"], "names no classifier"),

@@ -40,7 +40,7 @@ def test_unknown_model_name_suggests_close_matches(tmp_path, capsys):
 
 
 def test_non_vit_tower_is_refused(tmp_path, capsys):
-    line = _fails_cleanly(capsys, tmp_path / "out", "--model", "RN50")
+    line = _fails_cleanly(capsys, tmp_path / "out", "--model", "RN50", "--pretrained", "none")
     assert "RN50's image tower is ResNet" in line and "no self-attention over patch tokens" in line
 
 

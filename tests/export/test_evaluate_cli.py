@@ -6,18 +6,22 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from legrad_export.cli import main as export_main
 from legrad_export.evaluate import METHODS
 from legrad_export.evaluate_cli import main
 from legrad_export.load import load_openclip
 from legrad_export.reference import legrad_reference
+from legrad_runtime import load
 from legrad_runtime.evaluation import load_mask
-from legrad_runtime.metadata import PreprocessCfg
+from legrad_runtime.metadata import PreprocessCfg, read_metadata
 from legrad_runtime.preprocess import load_image, preprocess, to_original
 from legrad_shapes.cases import SHARED, UNIQUE
 from legrad_shapes.cases import main as cases_main
@@ -149,3 +153,97 @@ def test_default_layers_follow_the_model_folders_recommendation(cases_dir, tiny_
     assert main([str(cases_dir), "--model", str(folder), "--json", str(tmp_path / "s.json")]) == 0
     assert "layers 0,2" in capsys.readouterr().out
     assert json.loads((tmp_path / "s.json").read_text())["layers"] == [0, 2]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dirs, tmp_path_factory):
+    """The tiny model exported as users export it ('shortest', so the non-square case is cropped)."""
+    out = tmp_path_factory.mktemp("exported")
+    assert (
+        export_main(["--model", str(tiny_dirs["b16_like"]), "--resize-mode", "shortest", "--out", str(out)])
+        == 0
+    )
+    (folder,) = out.iterdir()
+    return folder
+
+
+def _report(path):
+    report = json.loads(path.read_text())
+    return report, {(r["method"], r["group"]): r for r in report["rows"]}
+
+
+def test_an_exported_folder_scores_as_its_torch_model_with_the_same_layers(
+    cases_dir, tiny_dirs, exported, tmp_path, capsys
+):
+    meta = read_metadata(exported)
+    graph = ["--json", str(tmp_path / "graph.json"), "--save-heatmaps", str(tmp_path / "graph")]
+    assert main([str(cases_dir), "--model", str(exported), *graph]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"{exported.name}: the exported ONNX graph (onnxruntime, cpu) of ")
+    layers = ",".join(map(str, meta.layers))
+    torch_side = ["--layers", layers, "--resize-mode", "shortest", "--json", str(tmp_path / "torch.json")]
+    torch_side += ["--save-heatmaps", str(tmp_path / "torch")]
+    assert main([str(cases_dir), "--model", str(tiny_dirs["b16_like"]), *torch_side]) == 0
+
+    (graph_report, graph_rows), (torch_report, torch_rows) = (
+        _report(tmp_path / "graph.json"),
+        _report(tmp_path / "torch.json"),
+    )
+    assert graph_report["scored"] == "exported graph" and torch_report["scored"] == "torch model"
+    assert graph_report["layers"] == torch_report["layers"] == list(meta.layers)
+    assert graph_report["resize_mode"] == torch_report["resize_mode"] == "shortest"
+    assert {m for m, _ in graph_rows} == {"legrad", "centre-prior"}
+    for key, row in graph_rows.items():
+        expected = torch_rows[key]
+        for metric in ("pointing", "other", "miou", "mass_inside", "n"):
+            assert row[metric] == pytest.approx(expected[metric], abs=1e-4), (key, metric)
+    for i in range(len(graph_report["cases"])):
+        np.testing.assert_allclose(
+            np.load(tmp_path / "graph" / "legrad" / f"{i}.npy"),
+            np.load(tmp_path / "torch" / "legrad" / f"{i}.npy"),
+            atol=1e-4,
+        )
+
+
+def test_an_exported_folder_is_scored_without_importing_torch(cases_dir, exported, tmp_path):
+    code = (
+        "import sys; from legrad_export.evaluate_cli import main; "
+        f"code = main([{str(cases_dir)!r}, '--model', {str(exported)!r}]); "
+        "print(code, [m for m in ('torch', 'open_clip', 'timm') if m in sys.modules])"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.splitlines()[-1] == "0 []", run.stderr
+    assert "legrad" in run.stdout and "centre-prior" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layers", "-2"], "--layers does not apply to an exported folder"),
+        (["--image-size", "64", "--resize-mode", "squash"], "--image-size, --resize-mode do not apply"),
+        (["--pretrained", "none"], "--pretrained does not apply"),
+    ],
+)
+def test_torch_only_options_are_refused_for_an_exported_folder(cases_dir, exported, capsys, extra, message):
+    assert main([str(cases_dir), "--model", str(exported), *extra]) == 2
+    captured = capsys.readouterr()
+    (line,) = [ln for ln in captured.err.splitlines() if ln.startswith("legrad-evaluate: error:")]
+    assert message in line and "scored as exported" in line and captured.out == ""
+
+
+def test_a_classifier_folder_scores_its_class_names(cases_dir, model_folders, tmp_path, capsys):
+    folder = model_folders["classifier"]
+    rows = _rows(cases_dir)[:3]
+    names = ["goldfish", "tabby cat", "goldfish"]
+    with (tmp_path / "cases.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "prompt", "mask"))
+        for row, name in zip(rows, names):
+            writer.writerow((cases_dir / row["image"], name, cases_dir / row["mask"]))
+    assert main([str(tmp_path), "--model", str(folder), "--save-heatmaps", str(tmp_path / "maps")]) == 0
+    warning = f"legrad-evaluate: warning: {folder} was exported with random weights (pretrained none)"
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(warning)]
+    model = load(folder)
+    for i, (row, name) in enumerate(zip(rows, names)):
+        expected = model.explain(cases_dir / row["image"], classes=[name]).heatmap_on_original(0, 0)
+        np.testing.assert_allclose(np.load(tmp_path / "maps" / "legrad" / f"{i}.npy"), expected, atol=1e-6)

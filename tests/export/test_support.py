@@ -162,7 +162,7 @@ def test_convolutional_towers_are_one_line_saying_why_without_building_them(
         raise AssertionError("the model was built")
 
     monkeypatch.setattr(open_clip, "create_model", no_build)
-    assert main(["--model", name, "--out", str(tmp_path)]) == 2
+    assert main(["--model", name, "--pretrained", "none", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("legrad-export: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
