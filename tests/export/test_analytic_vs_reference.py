@@ -34,6 +34,7 @@ REAL_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "size", "layers"), REAL_CONFIGS)
 def test_analytic_maps_match_autograd_reference_on_real_configs(name, size, layers):
     loaded = load_openclip(name, "none")

@@ -25,7 +25,7 @@ from legrad_export.reference_siglip import legrad_reference_siglip
 from legrad_export.vit import ExplicitViT
 from tiny_models import random_inputs
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # real-size models, the authors' code in a side folder
 
 HERE = Path(__file__).parent
 SITE = HERE.parent.parent / ".authors-site"

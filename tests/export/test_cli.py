@@ -114,6 +114,7 @@ def test_openai_tags_build_the_quickgelu_model(tmp_path, monkeypatch):
     assert isinstance(loaded.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
 
 
+@pytest.mark.slow
 def test_vit_b16_export_end_to_end(tmp_path, capsys):
     code = main(
         ["--model", "ViT-B-16", "--pretrained", "none", "--image-size", "224", "--out", str(tmp_path)]

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from legrad_export.reference_siglip import legrad_reference_siglip, map_head_with_attention
 from tiny_models import random_inputs
 
+pytestmark = pytest.mark.slow  # a real-size ViT-B-16-SigLIP
+
 
 @pytest.fixture(scope="module")
 def siglip():
