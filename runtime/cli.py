@@ -148,22 +148,13 @@ def _device(text: str) -> str:
     return text
 
 
-def _memory_budget(args: argparse.Namespace) -> int | None:
-    """--memory-budget in bytes, checked: (0, 16384] GiB."""
-    if args.memory_budget is None:
+def _gib_bytes(value: float | None, flag: str) -> int | None:
+    """A GiB option in bytes, checked: (0, 16384] GiB."""
+    if value is None:
         return None
-    if not 0 < args.memory_budget <= 16384:
-        raise UsageError(f"--memory-budget must be in (0, 16384] GiB, not {args.memory_budget:g}")
-    return max(1, int(args.memory_budget * 1024**3))
-
-
-def _gpu_mem_limit(args: argparse.Namespace) -> int | None:
-    """--gpu-mem-limit in bytes, checked: (0, 16384] GiB."""
-    if args.gpu_mem_limit is None:
-        return None
-    if not 0 < args.gpu_mem_limit <= 16384:
-        raise UsageError(f"--gpu-mem-limit must be in (0, 16384] GiB, not {args.gpu_mem_limit:g}")
-    return max(1, int(args.gpu_mem_limit * 1024**3))
+    if not 0 < value <= 16384:
+        raise UsageError(f"{flag} must be in (0, 16384] GiB, not {value:g}")
+    return max(1, int(value * 1024**3))
 
 
 def find_images(patterns: Sequence[str]) -> list[Path]:
@@ -210,8 +201,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], not {args.alpha}")
     max_pixels_from(args)
-    _gpu_mem_limit(args)
-    _memory_budget(args)
+    _gib_bytes(args.gpu_mem_limit, "--gpu-mem-limit")
+    _gib_bytes(args.memory_budget, "--memory-budget")
 
 
 def _load_model(args: argparse.Namespace) -> LeGradModel:
@@ -222,8 +213,8 @@ def _load_model(args: argparse.Namespace) -> LeGradModel:
             args.model_dir,
             device=args.device,
             max_pixels=max_pixels_from(args),
-            gpu_mem_limit=_gpu_mem_limit(args),
-            memory_budget=_memory_budget(args),
+            gpu_mem_limit=_gib_bytes(args.gpu_mem_limit, "--gpu-mem-limit"),
+            memory_budget=_gib_bytes(args.memory_budget, "--memory-budget"),
             threads=args.threads,
             verify=not args.no_verify,
         )
