@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         "captioned (default: overlay)",
     )
     add_max_pixels_option(ex, "skipped")
+    ex.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: Ray Data actors, each loading the model once (the `ray` extra; "
+        "joins RAY_ADDRESS's cluster or starts a local one; CLIP models) (default: local)",
+    )
+    ex.add_argument("--actors", type=int, default=1, metavar="N", help="--engine ray: actors (default: 1)")
 
     info = sub.add_parser("info", help="print a model folder's metadata")
     info.add_argument("model_dir")
@@ -252,6 +260,10 @@ def _explain(args: argparse.Namespace) -> int:
         out = ensure_output_folder(args.out)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.engine == "ray":
+        from .ray_cli import explain_with_ray
+
+        return explain_with_ray(args, images, out)
     model = _load_model(args)
     if model.is_classifier and args.prompts:
         raise _classifier_usage(args.model_dir, "text prompts (-p)")
