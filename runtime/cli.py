@@ -35,6 +35,7 @@ from .errors import LegradError
 from .files import ensure_output_folder, printable, safe_name
 from .metadata import ModelMetadata, default_tower, read_metadata
 from .providers import DEVICE_FORMS, parse_device
+from .serve import cli as serve_cli
 from .session import Explanation, LeGradModel, load
 from .visualize import COLORMAPS, STYLES, save_png
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir")
     info.add_argument("--json", action="store_true", help="print the raw metadata JSON")
     info.add_argument("--classes", action="store_true", help="a classifier: list every class, 'id<TAB>name'")
+    serve_cli.add_parser(sub)
     return p
 
 
@@ -469,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.getLogger("PIL").setLevel(logging.CRITICAL)  # its notes on bad files; each is one line of ours
+    if args.command == "serve":
+        return run_main(PROG, lambda: serve_cli.run(args))
     return run_main(PROG, lambda: _info(args) if args.command == "info" else _explain(args))
 
 
