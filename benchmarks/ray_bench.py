@@ -40,7 +40,8 @@ def _local(model_dir: str, folder: Path, threads: int, batch_size: int) -> float
     model = load(model_dir, device="cpu", threads=threads)
     files = sorted(folder.iterdir())
     for batch in model.explain_batches(files, PROMPTS, batch_size=batch_size, layer_maps=False):
-        maps = [batch.heatmap_on_original(b, p) for b in range(len(batch.sources)) for p in range(len(PROMPTS))]
+        rows = range(len(batch.sources))
+        maps = [batch.heatmap_on_original(b, p) for b in rows for p in range(len(PROMPTS))]
         assert len(maps) == len(batch.sources) * len(PROMPTS)
     return time.perf_counter() - start
 
