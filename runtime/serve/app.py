@@ -31,6 +31,8 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -176,9 +178,14 @@ def _reason(error: Exception, source: str) -> str:
 
 async def _from_form(request: Request, model: LeGradModel, limits: Limits) -> tuple[Job, Options]:
     try:
-        form = await request.form(max_files=limits.max_images + 1, max_fields=4 * limits.max_prompts + 16)
-    except Exception as exc:  # Starlette raises its own errors for malformed or oversized forms
-        raise HTTPProblem(400, f"the multipart form cannot be read ({exc})") from None
+        form = await request.form(max_files=limits.max_images, max_fields=4 * limits.max_prompts + 16)
+    except (HTTPException, MultiPartException) as exc:  # a malformed form, or over the counts
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        if "Too many files" in detail:
+            raise HTTPProblem(
+                413, f"too many images in one request; this server takes at most {limits.max_images}"
+            ) from None
+        raise HTTPProblem(400, f"the multipart form cannot be read ({detail})") from None
     try:
         images, names = [], []
         for i, item in enumerate(form.getlist("images")):

@@ -7,6 +7,7 @@ Starlette and uvicorn are imported only in `run`, so `legrad` works without the 
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 from ..cli_runner import EXIT_OK, add_max_pixels_option, max_pixels_from
@@ -92,17 +93,19 @@ def run(args: argparse.Namespace) -> int:
             f"legrad serve needs {', '.join(missing)}: "
             'pip install "legrad-onnx[serve]" (next to [cpu] or [gpu])'
         )
+    if not 0 <= args.max_wait_ms <= 10_000:
+        raise ServeError(f"--max-wait-ms must be in [0, 10000], not {args.max_wait_ms:g}")
+    if not 0 < args.timeout <= 3600 or not 0 < args.max_body_mb <= 4096:
+        raise ServeError("--timeout must be in (0, 3600] s and --max-body-mb in (0, 4096]")
+    max_pixels = max_pixels_from(args)
+    _check_listen(args.host, args.port)
+
     import uvicorn
 
     from ..session import load
     from .app import create_app
     from .limits import Limits
 
-    if not 0 <= args.max_wait_ms <= 10_000:
-        raise ServeError(f"--max-wait-ms must be in [0, 10000], not {args.max_wait_ms:g}")
-    if not 0 < args.timeout <= 3600 or not 0 < args.max_body_mb <= 4096:
-        raise ServeError("--timeout must be in (0, 3600] s and --max-body-mb in (0, 4096]")
-    max_pixels = max_pixels_from(args)
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * 1e6),
         max_images=args.max_images,
@@ -125,6 +128,19 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(config).run()
     return EXIT_OK
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail in one line, before loading the model, when host:port cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as exc:
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --host or --port"
+        ) from None
 
 
 def _missing_modules() -> list[str]:

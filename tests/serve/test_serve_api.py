@@ -197,6 +197,12 @@ def test_limits_on_body_pixels_images_and_content_type(model):
         assert big.status_code == 413 and "at most 20,000" in big.json()["error"]
         wide = c.post("/v1/explain", files=[("images", ("w.png", _png(7, (50, 30))))], data={"prompts": "a"})
         assert wide.status_code == 413 and "w.png" in wide.json()["error"]
+        four = c.post(
+            "/v1/explain",
+            files=[("images", (f"{i}.png", _png(i, (8, 8)))) for i in range(4)],
+            data={"prompts": "a"},
+        )
+        assert four.status_code == 413 and "at most 2" in four.json()["error"]
         many = c.post(
             "/v1/explain",
             files=[("images", (f"{i}.png", _png(i, (8, 8)))) for i in range(3)],

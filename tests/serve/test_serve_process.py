@@ -27,7 +27,6 @@ pytest.importorskip("multipart")
 httpx = pytest.importorskip("httpx")
 
 from legrad_runtime import load  # noqa: E402
-from legrad_runtime.cli import main  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cat", "a dog"]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for the server's RSS")
@@ -154,12 +153,3 @@ def test_sigterm_mid_load_ends_every_request_cleanly_and_the_server_exits(model_
     assert code in (0, 143), err
     assert "Traceback" not in err
     assert outcomes.count("200") >= 3
-
-
-def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys, model_folder):
-    from legrad_runtime.serve import cli as serve_cli
-
-    monkeypatch.setattr(serve_cli, "_missing_modules", lambda: ["starlette"])
-    assert main(["serve", str(model_folder)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'pip install "legrad-onnx[serve]"' in err[0]
