@@ -166,10 +166,13 @@ class _Explainer:
         region_threshold: float,
         on_error: str,
         batch_size: int,
+        concurrency: int,
         load_options: dict[str, Any],
     ) -> None:
         from .session import load
 
+        if load_options.get("threads") is None:  # this node's cores, shared among the actors
+            load_options = {**load_options, "threads": max(1, (os.cpu_count() or 1) // concurrency)}
         self.model: LeGradModel = load(model_dir, **load_options)
         self.prompts, self.classes = prompts, classes
         self.image_column, self.output, self.picture = image_column, output, picture
@@ -302,13 +305,11 @@ def explain_dataset(
     if not meta.is_classifier and (prompts is None or classes is not None):
         raise InputError(f"{model_dir} is a CLIP model: pass prompts (texts), not classes")
     prompt_list = [prompts] if isinstance(prompts, str) else None if prompts is None else list(prompts)
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // concurrency)
     picture = {"cmap": cmap, "alpha": alpha, "style": style, "caption": caption}
     args = (str(model_dir), prompt_list, classes, image_column, output, picture, region_threshold, on_error)
     explained: Dataset = ds.map_batches(
         _Explainer,
-        fn_constructor_args=(*args, batch_size, {"threads": threads, **load_options}),
+        fn_constructor_args=(*args, batch_size, concurrency, {"threads": threads, **load_options}),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
