@@ -86,7 +86,7 @@ def main() -> None:
             args.model_dir, folder, 2, max(1, args.cpus // 2), args.batch_size
         ),
     }
-    print(f"{args.images} images ({SAMPLES.name} repeated), {len(PROMPTS)} prompts, batch {args.batch_size}")
+    print(f"{args.images} images (sample scenes repeated), {len(PROMPTS)} prompts, batch {args.batch_size}")
     print(f"{'engine':<42} {'seconds':>8} {'images/s':>9}")
     try:
         for name, run in runs.items():
