@@ -27,7 +27,7 @@ help:
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[export,cpu,test]" -e tools/shapes
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[export,cpu,test,serve,ray]" -e tools/shapes
 	rm -f $(VENV)/.installed-* && touch $@
 
 # the runtime alone, without torch: the proof that production installs stay lean
@@ -55,7 +55,7 @@ demo: $(STAMP)
 
 test: setup lint
 	LEGRAD_TEST_MODEL_DIR=$(TEST_MODELS) $(VENV)/bin/python -m pytest -n 2 --dist loadfile
-	LEGRAD_TEST_MODEL_DIR=$(TEST_MODELS) $(LEAN)/bin/python -m pytest tests/runtime -m "not torch"
+	LEGRAD_TEST_MODEL_DIR=$(TEST_MODELS) $(LEAN)/bin/python -m pytest tests/runtime tests/serve -m "not torch"
 
 # the stamp files, for tests/test_first_use.py (it links a checkout's venvs into a fresh clone)
 print-stamps:

@@ -85,7 +85,7 @@ def test_the_exporter_extra_leaves_the_onnxruntime_build_to_cpu_or_gpu():
 def test_the_readme_names_both_exporter_pairs_and_the_makefile_installs_one_of_them():
     readme = set(documented("README.md"))
     assert {"export,cpu", "export,gpu", "cpu", "gpu"} <= readme, readme
-    assert "export,cpu,test" in documented("Makefile")
+    assert any({"export", "cpu", "test"} <= set(c.split(",")) for c in documented("Makefile"))
 
 
 def test_the_requirement_reader_follows_self_references(tmp_path, monkeypatch):
