@@ -299,14 +299,26 @@ def _explain(args: argparse.Namespace) -> int:
                     maps = np.stack([batch.heatmap_on_original(b, p) for p in range(len(names))])
                     np.save(folder / "heatmaps.npy", maps)  # (P, H, W) on the original image
             bar.update(len(batch.sources) + len(batch.failures))
-    done = len(images) - failed
+    return finish_explain(out, rows, names, args.prompts, len(images) - failed, len(images))
+
+
+def finish_explain(
+    out: Path,
+    rows: Sequence[Sequence[object]],
+    names: Sequence[str],
+    prompts: Sequence[str],
+    done: int,
+    total: int,
+) -> int:
+    """Write scores.csv and prompts.csv, say what was written; the exit code (1: some images skipped).
+    Shared by both engines, so their outputs and messages are the same."""
     if done == 0:
-        raise UsageError(f"none of the {len(images)} image(s) could be read (each is named above)")
+        raise UsageError(f"none of the {total} image(s) could be read (each is named above)")
     _write_csv(out / SCORES_FILE, ["image", "folder", "prompt", "cosine_similarity"], rows)
-    _write_csv(out / PROMPTS_FILE, ["file", "prompt"], [(f"{n}.png", p) for n, p in zip(names, args.prompts)])
+    _write_csv(out / PROMPTS_FILE, ["file", "prompt"], [(f"{n}.png", p) for n, p in zip(names, prompts)])
     print(f"wrote {len(rows)} overlays for {done} image(s) to {printable(out)}")
-    if failed:
-        say(PROG, "warning", f"{failed} of {len(images)} image(s) could not be read and were skipped")
+    if done < total:
+        say(PROG, "warning", f"{total - done} of {total} image(s) could not be read and were skipped")
         return EXIT_PARTIAL
     return EXIT_OK
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .cli import PROG, PROMPTS_FILE, SCORES_FILE, UsageError, _gib_bytes, _unique, _write_csv
-from .cli_runner import EXIT_OK, EXIT_PARTIAL, max_pixels_from, say
+from .cli import PROG, UsageError, _gib_bytes, _unique, finish_explain
+from .cli_runner import max_pixels_from, say
 from .errors import ImageInputError
-from .files import printable, safe_name
+from .files import safe_name
 from .metadata import read_metadata
 from .preprocess import load_image
 from .ray import _ray, explain_dataset
@@ -86,15 +86,7 @@ def _run(args: argparse.Namespace, images: list[Path], out: Path, ray: Any) -> i
     failed = [p for i, p in enumerate(images) if i not in done]
     for path in failed:  # the actors logged why; the driver says it again, one line each
         say(PROG, "skipped", _why(path, max_pixels_from(args)))
-    if not done:
-        raise UsageError(f"none of the {len(images)} image(s) could be read (each is named above)")
-    _write_csv(out / SCORES_FILE, ["image", "folder", "prompt", "cosine_similarity"], rows)
-    _write_csv(out / PROMPTS_FILE, ["file", "prompt"], [(f"{n}.png", p) for n, p in zip(names, args.prompts)])
-    print(f"wrote {len(rows)} overlays for {len(done)} image(s) to {printable(out)}")
-    if failed:
-        say(PROG, "warning", f"{len(failed)} of {len(images)} image(s) could not be read and were skipped")
-        return EXIT_PARTIAL
-    return EXIT_OK
+    return finish_explain(out, rows, names, args.prompts, len(done), len(images))
 
 
 def _why(path: Path, max_pixels: int) -> object:
