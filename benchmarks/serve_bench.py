@@ -305,7 +305,7 @@ def main() -> int:
             f"images/s: {100 * ratio:.0f}%"
         )
     print(f"  median: {100 * float(np.median(ratios)):.0f}% of in-process")
-    lost = sum(r[2] - r[1] for r in rows) + sum(r[9] for r in rows)
+    lost = sum(r[2] - r[1] for r in rows) + sum(r[10] for r in rows)  # unanswered + mixed up
     return 1 if lost else 0
 
 
