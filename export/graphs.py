@@ -51,18 +51,21 @@ def build_image_graph(
     layers: tuple[int, ...],
     correction: bool = True,
     threshold: float = DEFAULT_THRESHOLD,
+    prompts: str = "loop",
 ) -> LeGrad | MapLeGrad | ClassifierLeGrad:
     """(pixel_values, text_embeds) → (heatmaps, layer_maps, image_embeds), from copied weights.
 
-    `correction` and `threshold` apply to MAP-head towers (SigLIP's empty-prompt correction).
+    `correction` and `threshold` apply to MAP-head towers (SigLIP's empty-prompt correction), whose
+    graph always takes its prompts at once (a prompt's backward through the head is tiny);
+    `prompts` ('loop' or 'batch', legrad.PROMPT_MODES) to the others.
     """
     vit = explicit_vit(loaded, image_size)
     if loaded.vit.is_classifier:
-        return ClassifierLeGrad(vit, layers).eval()
+        return ClassifierLeGrad(vit, layers, prompts).eval()
     if loaded.vit.explains_head:
         empty = empty_prompt_embed(loaded) if correction and loaded.vit.has_correction else None
         return MapLeGrad(vit, layers, empty, threshold).eval()
-    return LeGrad(vit, layers).eval()
+    return LeGrad(vit, layers, prompts).eval()
 
 
 class TextGraph(nn.Module):

@@ -8,9 +8,11 @@ See shared/design/legrad.md. For layer l and prompt p, with z_l the block output
 
 One image forward serves every prompt; only a short backward runs per prompt and layer. The
 backward is split in two: `prepare_layer` computes, once per image, everything that does not
-depend on the prompt, and `prompt_map` is what remains per prompt. The layers run inside a scan
-over prompts, so the per-prompt intermediates (heads × N² per layer) exist for one prompt at a
-time: memory does not grow with the number of prompts, and the image forward still runs once.
+depend on the prompt, and `prompt_map` is what remains per prompt. By default (prompts="loop")
+the layers run inside a scan over prompts, so the per-prompt intermediates (heads × N² per layer)
+exist for one prompt at a time: memory does not grow with the number of prompts, and the image
+forward still runs once. prompts="batch" runs every prompt at once instead (no loop in the graph,
+for executors where a loop iteration is costly; memory grows with P, so callers split prompts).
 
 Folding (exact algebra, precomputed per layer in `BackwardWeights`). With a = act'(pre),
 λ, β the LN_2 affine, x̂ and rstd its normalised input and 1/σ, γ1 the attention LayerScale:
@@ -39,7 +41,19 @@ from .legrad_geglu import GegluWeights, geglu_prompt_map, prepare_geglu_layer
 from .ops import activation_derivative, relevance
 from .vit import Block, BlockTrace, ExplicitViT
 
-__all__ = ["LeGrad", "BackwardWeights", "LayerPrep", "prepare_layer", "prompt_map", "min_max", "upsample"]
+__all__ = [
+    "PROMPT_MODES",
+    "LeGrad",
+    "BackwardWeights",
+    "LayerPrep",
+    "prepare_layer",
+    "prompt_map",
+    "min_max",
+    "upsample",
+]
+
+
+PROMPT_MODES = ("loop", "batch")  # how the image graph runs its prompts (LeGrad.layer_maps)
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -83,7 +97,7 @@ class LayerPrep(NamedTuple):
     a: torch.Tensor  # (B, N, M) rstd_i · act'(pre_i)
     q: torch.Tensor  # (B, N, M) rstd_i · act'(pre_i) ⊙ r_i / D
     w: torch.Tensor  # (B, N, D) x̂_i @ diag(γ1) W_o
-    v: torch.Tensor  # (B, H, dh, N-R) attention values of the patch tokens, transposed
+    v: torch.Tensor  # (B, H, N-R, dh) attention values of the patch tokens
 
 
 def prepare_layer(vit: ExplicitViT, block: Block, weights: BackwardWeights, trace: BlockTrace) -> LayerPrep:
@@ -93,7 +107,7 @@ def prepare_layer(vit: ExplicitViT, block: Block, weights: BackwardWeights, trac
     a = mid_rstd * activation_derivative(trace.pre, vit.cfg.activation)  # (B, N, M)
     q = a * ((trace.pre - weights.pre_offset) / D)  # (B, N, M)
     w = mid_hat @ weights.wo_g1  # (B, N, D)
-    v = trace.v[:, :, vit.cfg.prefix_tokens :].transpose(-1, -2)  # (B, H, dh, N-R): a CLS column dropped
+    v = trace.v[:, :, vit.cfg.prefix_tokens :]  # (B, H, N-R, dh): a CLS column dropped
     return LayerPrep(vit.head.forward_traced(trace.z), a, q, w, v)
 
 
@@ -113,8 +127,11 @@ def prompt_map(
 class LeGrad(nn.Module):
     """Images and text embeddings in; heatmaps, per-layer maps and image embeddings out."""
 
-    def __init__(self, vit: ExplicitViT, layers: Sequence[int]):
+    def __init__(self, vit: ExplicitViT, layers: Sequence[int], prompts: str = "loop"):
         super().__init__()
+        if prompts not in PROMPT_MODES:
+            raise ValueError(f"prompts must be one of {PROMPT_MODES}, not {prompts!r}")
+        self.prompts = prompts
         if not layers:
             raise ValueError("LeGrad needs at least one layer")
         if any(side % vit.cfg.patch_size for side in vit.image_size):
@@ -163,9 +180,12 @@ class LeGrad(nn.Module):
             ]
             return count + 1, torch.stack(maps, dim=1)  # (B, L, N-R)
 
-        # one prompt at a time, so per-prompt memory stays flat as P grows: an ONNX Scan when traced;
-        # a plain loop in eager mode, where scan would run through dynamo on every call (slow)
-        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        # "loop": one prompt at a time, so per-prompt memory stays flat as P grows: an ONNX Scan when
+        # traced; a plain loop in eager mode, where scan would run through dynamo on every call (slow).
+        # "batch": every prompt at once (vmap), no loop in the graph; memory grows with P.
+        if self.prompts == "batch":
+            maps = torch.vmap(lambda t: one_prompt(torch.zeros((), dtype=torch.int64), t)[1])(prompts)
+        elif torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             _, maps = scan(one_prompt, torch.zeros((), dtype=torch.int64), prompts)  # (P, B, L, N-R)
         else:
             count = torch.zeros((), dtype=torch.int64)

@@ -34,10 +34,10 @@ class ClassifierLeGrad(LeGrad):
     """(pixel_values (B, 3, H, W), class_ids (P,) int64) → heatmaps (B, P, H, W), layer_maps
     (B, P, L, gh, gw), logits (B, C)."""
 
-    def __init__(self, vit, layers):
+    def __init__(self, vit, layers, prompts: str = "loop"):
         if not isinstance(vit.head, ClassifierHead):
             raise ValueError("ClassifierLeGrad explains a classifier (a tower whose score is a logit)")
-        super().__init__(vit, layers)
+        super().__init__(vit, layers, prompts)
 
     def forward(  # type: ignore[override]
         self, pixel_values: torch.Tensor, class_ids: torch.Tensor

@@ -87,7 +87,7 @@ class SwigluPrep(NamedTuple):
     t: torch.Tensor  # (B, N, D) (C ⊙ [ĥ, ĥ]) W_gxλ / M
     o_hat: torch.Tensor  # (B, N, D) LN_a's normalised input A·V
     o_rstd: torch.Tensor  # (B, N, 1)
-    v: torch.Tensor  # (B, H, dh, N-R) attention values of the patch tokens, transposed
+    v: torch.Tensor  # (B, H, N-R, dh) attention values of the patch tokens
 
 
 class PostNormPrep(NamedTuple):
@@ -99,14 +99,14 @@ class PostNormPrep(NamedTuple):
     q: torch.Tensor  # (B, N, M) a ⊙ (m̂ W2) / D
     y_hat: torch.Tensor  # (B, N, D) LN_1's normalised input, the attention's output
     y_rstd: torch.Tensor  # (B, N, 1)
-    v: torch.Tensor  # (B, H, dh, N-R)
+    v: torch.Tensor  # (B, H, N-R, dh)
 
 
 def prepare_eva_layer(
     vit: ExplicitViT, block: Block, weights: EvaWeights, trace: BlockTrace
 ) -> SwigluPrep | PostNormPrep:
     """The prompt-independent part of one EVA layer's backward, for every image."""
-    v = trace.v[:, :, vit.cfg.prefix_tokens :].transpose(-1, -2)  # (B, H, dh, N-R): the CLS column dropped
+    v = trace.v[:, :, vit.cfg.prefix_tokens :]  # (B, H, N-R, dh): the CLS column dropped
     head = vit.head.forward_traced(trace.z)
     if vit.cfg.post_norm:
         D = trace.z.shape[-1]
@@ -129,7 +129,7 @@ def eva_prompt_map(
     vit: ExplicitViT, weights: EvaWeights, prep: SwigluPrep | PostNormPrep, text_embed: torch.Tensor
 ) -> torch.Tensor:
     """Raw LeGrad map of one EVA layer for one prompt (E,) and every image: (B, N-R)."""
-    g_z = vit.head.backward(prep.head, text_embed, prep.v.shape[-1] + vit.cfg.prefix_tokens)  # (B, D)
+    g_z = vit.head.backward(prep.head, text_embed, prep.v.shape[-2] + vit.cfg.prefix_tokens)  # (B, D)
     if isinstance(prep, PostNormPrep):
         w = weights.lam2 * g_z  # (B, D)
         w_c = w - w.mean(-1, keepdim=True)

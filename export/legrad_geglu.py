@@ -49,7 +49,7 @@ class GegluPrep(NamedTuple):
     n_hat: torch.Tensor  # (B, N, D) the inner LN's normalised input
     n_rstd: torch.Tensor  # (B, N, 1)
     c: torch.Tensor  # (B, N, 2M) [a1 ⊙ gelu'(a0), gelu(a0)]
-    v: torch.Tensor  # (B, H, dh, N-R) attention values of the patch tokens, transposed
+    v: torch.Tensor  # (B, H, N-R, dh) attention values of the patch tokens
 
 
 def prepare_geglu_layer(
@@ -61,7 +61,7 @@ def prepare_geglu_layer(
     a0, a1 = trace.pre.chunk(2, dim=-1)  # (B, N, M) each
     kind = vit.cfg.activation
     c = torch.cat([a1 * activation_derivative(a0, kind), activation(a0, kind)], dim=-1)
-    v = trace.v[:, :, vit.cfg.prefix_tokens :].transpose(-1, -2)
+    v = trace.v[:, :, vit.cfg.prefix_tokens :]
     return GegluPrep(vit.head.forward_traced(trace.z), mid_hat, mid_rstd, n_hat, n_rstd, c, v)
 
 

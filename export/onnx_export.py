@@ -52,6 +52,7 @@ from .graphs import (
     example_image_inputs,
 )
 from .layers import resolve_layers
+from .legrad import PROMPT_MODES
 from .load import OPEN_CLIP_VERSION, default_layer_spec
 from .load_classifier import AnyLoaded
 from .memory import check_fits
@@ -74,6 +75,7 @@ class ExportSettings:
     correction: bool = True  # MAP-head towers: the authors' empty-prompt correction
     correction_threshold: float = DEFAULT_THRESHOLD
     dtype: str = "fp32"  # 'fp16': the image graph converted after verification (docs/fp16.md)
+    prompts: str = "loop"  # 'batch': the image graph takes a call's prompts at once, no loop (PROMPT_MODES)
 
 
 def model_folder_name(loaded: AnyLoaded, image_size: int | Size) -> str:
@@ -178,6 +180,8 @@ def export_model(
     check_output_root(out_root)
     if settings.dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {settings.dtype!r}; expected one of {DTYPES}")
+    if settings.prompts not in PROMPT_MODES:
+        raise ExportError(f"unsupported prompts mode {settings.prompts!r}; expected one of {PROMPT_MODES}")
     fp16 = settings.dtype == "fp16"
     size = resolve_image_size(loaded, settings.image_size, runs_graph=settings.verify or fp16)
     try:
@@ -197,7 +201,7 @@ def export_model(
     try:
         stage("build")
         image_graph = build_image_graph(
-            loaded, size, layers, settings.correction, settings.correction_threshold
+            loaded, size, layers, settings.correction, settings.correction_threshold, settings.prompts
         )
         classifier = loaded.vit.is_classifier
         text_graph = None if classifier else TextGraph(loaded)
@@ -246,7 +250,8 @@ def export_model(
             classes=loaded.classes if classifier else None,
             extra={
                 "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                PROMPT_LOOP_KEY: True,  # per-prompt memory is flat in P (a scan; MAP heads: tiny per prompt)
+                # per-prompt memory is flat in P (a scan; MAP heads: tiny per prompt), or grows with it
+                PROMPT_LOOP_KEY: settings.prompts == "loop" or tower.explains_head,
             },
         )
 

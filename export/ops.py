@@ -60,9 +60,13 @@ def activation_derivative(x: torch.Tensor, kind: str) -> torch.Tensor:
     return cdf + x * pdf
 
 
-def relevance(g_o: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+def relevance(g_o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """mean_h mean_i max(0, ∂s/∂A[h, i, j]) from g_o = ∂s/∂(A V) (B, N, D) and the values of the
-    explained columns j, transposed, v_t (B, H, dh, J): ∂s/∂A[h, i, j] = g_o,h[i] · v_h[j]. (B, J)."""
+    explained columns j, v (B, H, J, dh): ∂s/∂A[h, i, j] = g_o,h[i] · v_h[j]. (B, J).
+
+    The gradient is laid out (B, H, J, N), queries last, so that the big mean runs over the last
+    axis: onnxruntime's CUDA reduction has a fast kernel only for leading or trailing axes, and
+    sends (B, H, N, J) reduced over (1, 2) to cuDNN. On the CPU the trailing mean is faster too."""
     B, N, _ = g_o.shape
-    U = g_o.reshape(B, N, v_t.shape[1], -1).transpose(1, 2)  # (B, H, N, dh)
-    return torch.relu(U @ v_t).mean(dim=(1, 2))
+    U = g_o.reshape(B, N, v.shape[1], -1).transpose(1, 2)  # (B, H, N, dh)
+    return torch.relu(v @ U.transpose(-1, -2)).mean(-1).mean(1)  # (B, H, J, N) → (B, H, J) → (B, J)

@@ -1,0 +1,101 @@
+"""`prompts="batch"`: the image graph takes every prompt of a call at once, with no loop in it.
+
+Its maps must equal the prompt loop's and the autograd reference's, for each block kind that has a
+backward of its own (CLIP, a classifier, EVA02's SwiGLU); the exported graph must hold no Scan, and
+the runtime must split prompts across calls for it (its memory grows with P).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from legrad_export.graphs import build_image_graph
+from legrad_export.load import load_openclip
+from legrad_export.onnx_export import ExportSettings, export_model
+from legrad_export.reference import legrad_reference
+from legrad_runtime import load
+from legrad_runtime.errors import ExportError
+from legrad_runtime.metadata import IMAGE_GRAPH
+from tiny_models import (
+    build_tiny_torchvision_vit,
+    random_inputs,
+    save_tiny_eva_model,
+    wrap_tiny_classifier,
+)
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dirs):
+    return load_openclip(str(tiny_dirs["layerscale"]))
+
+
+@pytest.fixture(scope="module")
+def folder(clip, tmp_path_factory):
+    settings = ExportSettings(layers=(1, 2), verify=True, prompts="batch")
+    return export_model(clip, tmp_path_factory.mktemp("batch"), settings)
+
+
+def _both_modes(loaded, size: int, layers: tuple[int, ...], text: torch.Tensor, pixels: torch.Tensor):
+    outs = []
+    for mode in ("loop", "batch"):
+        graph = build_image_graph(loaded, size, layers, prompts=mode)
+        with torch.no_grad():
+            outs.append(graph(pixels, text))
+    return outs
+
+
+def test_batched_prompts_equal_the_loop_for_clip_eva_and_a_classifier(clip, tmp_path):
+    pixels, text = random_inputs(3, 5, 64, 32, seed=5)
+    cases = [(clip, 64, (1, 2), text)]
+    eva = load_openclip(str(save_tiny_eva_model(tmp_path, "eva02")))
+    eva_size = eva.preprocess["size"]
+    cases.append((eva, eva_size, (0, 1), random_inputs(3, 5, eva_size, 48, seed=6)[1]))
+    classifier = wrap_tiny_classifier(build_tiny_torchvision_vit(num_classes=20))
+    cases.append((classifier, 64, (1, 2), torch.tensor([3, 0, 19, 3, 7])))
+    for loaded, size, layers, targets in cases:
+        images = pixels if size == 64 else random_inputs(3, 1, size, 48, seed=7)[0]
+        loop, batch = _both_modes(loaded, size, layers, targets, images)
+        for a, b in zip(loop, batch):
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-6, loaded.model_name
+
+
+def test_the_batched_graph_has_no_scan_and_matches_the_reference_for_many_prompts(clip, folder):
+    nodes = onnx.load(str(folder / IMAGE_GRAPH.filename), load_external_data=False).graph.node
+    assert "Scan" not in {n.op_type for n in nodes}
+    session = ort.InferenceSession(str(folder / IMAGE_GRAPH.filename), providers=["CPUExecutionProvider"])
+    for batch, prompts in ((1, 1), (2, 13)):  # neither is the trace's (2, 2)
+        pixels, text = random_inputs(batch, prompts, 64, 32, seed=batch + prompts)
+        heat, maps, _ = session.run(None, {"pixel_values": pixels.numpy(), "text_embeds": text.numpy()})
+        ref = legrad_reference(clip.model, pixels, text, (1, 2))
+        assert maps.shape == (batch, prompts, 2, 4, 4)
+        assert np.abs(maps - ref.layer_maps.numpy()).max() <= 1e-5
+        assert np.abs(heat - ref.heatmaps.numpy()).max() <= 1e-4
+
+
+def test_the_runtime_splits_prompts_for_a_batched_graph_and_gets_the_same_maps(folder):
+    model = load(folder, device="cpu")
+    assert not model.prompts_in_graph_loop
+    rng = np.random.default_rng(0)
+    images = list(rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    text = rng.standard_normal((12, 32)).astype(np.float32)
+    whole = model.explain(images, text_embeds=text, memory_budget=2**40)
+    budget = 2**19
+    per_call = model.chunk_sizes(12, None, budget)
+    assert per_call[1] < 12  # the prompts do not fit in one call at this budget
+    split = model.explain(images, text_embeds=text, memory_budget=budget)
+    assert np.abs(split.heatmaps - whole.heatmaps).max() <= 1e-6
+    assert np.abs(split.layer_maps - whole.layer_maps).max() <= 1e-6
+
+
+def test_an_unknown_prompts_mode_is_refused(clip, tmp_path):
+    with pytest.raises(ExportError, match="prompts mode 'all'.*'loop', 'batch'"):
+        export_model(clip, tmp_path, ExportSettings(prompts="all", verify=False))
+    with pytest.raises(ValueError, match="prompts must be one of"):
+        build_image_graph(clip, 64, (1,), prompts="all")
