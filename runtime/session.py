@@ -57,7 +57,17 @@ from .metadata import (
     format_size,
     image_graph_spec,
 )
-from .preprocess import DEFAULT_MAX_PIXELS, Placement, load_image, model_view, preprocess, to_original
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    Placement,
+    check_workers,
+    default_workers,
+    load_image,
+    model_view,
+    preprocess_into,
+    run_each,
+    to_original,
+)
 from .providers import (
     CPU,
     CUDA,
@@ -341,11 +351,14 @@ class LeGradModel:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         gpu_mem_limit: int | None = None,
         memory_budget: int | None = None,
+        image_workers: int | None = None,
     ):
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise InputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
         if memory_budget is not None:
             _check_budget(memory_budget)
+        # threads that resize and normalise a batch's images (decoding stays on the calling thread)
+        self.image_workers = default_workers() if image_workers is None else check_workers(image_workers)
         wanted = parse_device(device)
         available = ort.get_available_providers()
         chosen = providers(wanted, available, gpu_mem_limit)  # also checks gpu_mem_limit
@@ -727,39 +740,19 @@ class LeGradModel:
     def _explain_batch(
         self, batch: list[tuple[int, ImageSource]], targets: _Targets, plan: _Plan
     ) -> Explanation:
-        cfg = self.metadata.preprocess
-        pixels: list[np.ndarray] = []
-        originals: list[Image.Image] = []
-        placements: list[Placement] = []
-        sources: list[str] = []
-        failures: list[ImageFailure] = []
-        for index, source in batch:
-            is_path = isinstance(source, (str, Path))
-            label = str(source) if is_path else f"image #{index}"
-            try:
-                image = load_image(source, name=None if is_path else label, max_pixels=self.max_pixels)
-                x, placement = preprocess(image, cfg)
-            except ImageInputError as exc:
-                if plan.on_error == "raise":
-                    raise
-                failures.append(ImageFailure(index, label, exc))
-                continue
-            pixels.append(x)
-            originals.append(image.convert("RGB"))  # preprocess needs the native mode; pictures need RGB
-            placements.append(placement)
-            sources.append(label)
+        pixels, originals, placements, sources, failures = self._load_batch(batch, plan.on_error)
         m = self.metadata
         names = targets.names
         heat: np.ndarray
         layer_maps: np.ndarray | None
         embeds: np.ndarray
         class_ids: np.ndarray | None = None
-        if pixels and targets.text is not None:
-            x = self._image_io.put(np.stack(pixels))  # once, for every prompt chunk
+        if len(pixels) and targets.text is not None:
+            x = self._image_io.put(pixels)  # once, for every prompt chunk
             heat, layer_maps, embeds = self._run(x, len(pixels), "text_embeds", plan.chunks, plan.layer_maps)
             self._check_finite(sources, heat, layer_maps, embeds)
-        elif pixels:
-            heat, layer_maps, embeds, class_ids = self._run_classes(np.stack(pixels), targets, plan, sources)
+        elif len(pixels):
+            heat, layer_maps, embeds, class_ids = self._run_classes(pixels, targets, plan, sources)
         else:  # every image of this batch failed: zero rows, same shapes
             heat = np.zeros((0, len(names), *m.image_size), np.float32)
             layer_maps = np.zeros((0, len(names), len(m.layers), *m.grid_size), np.float32)
@@ -786,6 +779,69 @@ class LeGradModel:
             class_names=m.classes,
         )
 
+    def _load_batch(
+        self, batch: list[tuple[int, ImageSource]], on_error: str
+    ) -> tuple[np.ndarray, list[Image.Image], list[Placement], list[str], list[ImageFailure]]:
+        """A batch's images decoded, then preprocessed straight into one (n, 3, H, W) array: the
+        pixel values, the originals (RGB), placements and names of the n images that could be read,
+        and the failures (on_error='skip'; 'raise' raises the first failure, in input order).
+
+        Decoding runs here, one image after another: `load_image` sets the process-wide warning
+        filters while it reads an image, which threads would undo for each other. Resizing,
+        cropping and normalising run on `image_workers` threads (each image into its own row).
+        """
+        cfg = self.metadata.preprocess
+        labels = [str(s) if isinstance(s, (str, Path)) else f"image #{i}" for i, s in batch]
+
+        def fatal(exc: BaseException) -> bool:
+            return on_error == "raise" or not isinstance(exc, ImageInputError)
+
+        def decode(k: int) -> Image.Image:
+            index, source = batch[k]
+            is_path = isinstance(source, (str, Path))
+            return load_image(source, name=None if is_path else labels[k], max_pixels=self.max_pixels)
+
+        loaded = run_each(decode, len(batch), 1, stop=fatal)  # stops at the first failure to raise
+        decoded = [k for k, outcome in enumerate(loaded) if isinstance(outcome, Image.Image)]
+        buffer = np.empty((len(decoded), 3, *cfg.size), np.float32)
+
+        def prepare(row: int) -> tuple[Image.Image, Placement]:
+            image = loaded[decoded[row]]
+            assert isinstance(image, Image.Image)
+            placement = preprocess_into(image, cfg, buffer[row])
+            # preprocess needs the native mode; pictures need RGB (an RGB image is kept: it is already
+            # load_image's own copy, never the caller's)
+            return (image if image.mode == "RGB" else image.convert("RGB")), placement
+
+        prepared = run_each(prepare, len(decoded), self.image_workers, stop=fatal)
+        outcomes: list[tuple[Image.Image, Placement] | Exception | None] = [None] * len(batch)
+        for k, got in enumerate(loaded):
+            outcomes[k] = got if isinstance(got, Exception) else None
+        for row, result in enumerate(prepared):
+            outcomes[decoded[row]] = result
+        row_of = {k: row for row, k in enumerate(decoded)}
+        rows: list[int] = []
+        originals: list[Image.Image] = []
+        placements: list[Placement] = []
+        sources: list[str] = []
+        failures: list[ImageFailure] = []
+        for k, outcome in enumerate(outcomes):
+            if outcome is None:  # after a failure that stopped the batch: never reached
+                break
+            if isinstance(outcome, Exception):
+                if fatal(outcome):
+                    raise outcome
+                assert isinstance(outcome, ImageInputError)
+                failures.append(ImageFailure(batch[k][0], labels[k], outcome))
+                continue
+            original, placement = outcome
+            rows.append(row_of[k])
+            originals.append(original)
+            placements.append(placement)
+            sources.append(labels[k])
+        pixels = buffer if len(rows) == len(buffer) else buffer[rows]
+        return pixels, originals, placements, sources, failures
+
     def _run(
         self, x: Any, batch: int, name: str, chunks: list[tuple[Any, int]], layer_maps: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -801,8 +857,8 @@ class LeGradModel:
             )[0]
             for i, (values, n) in enumerate(chunks)
         ]
-        layers = np.concatenate([r[maps] for r in runs], 1) if layer_maps else None
-        return np.concatenate([r[heat] for r in runs], 1), layers, runs[0][third]
+        layers = _join([r[maps] for r in runs]) if layer_maps else None
+        return _join([r[heat] for r in runs]), layers, runs[0][third]
 
     def _run_classes(
         self, pixels: np.ndarray, targets: _Targets, plan: _Plan, sources: list[str]
@@ -847,6 +903,7 @@ def load(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     gpu_mem_limit: int | None = None,
     memory_budget: int | None = None,
+    image_workers: int | None = None,
 ) -> LeGradModel:
     """Load an exported model folder: metadata validated, every file inside it and (unless
     verify=False) matching its sha256, each graph's shapes agreeing with the metadata.
@@ -863,6 +920,8 @@ def load(
     smaller budget splits the work into more, smaller calls, with the same maps.
     `verify=False` skips the checksums and the check that the folder holds no file its metadata does
     not list (for a folder you trust); every path is still checked to stay inside the folder.
+    `image_workers`: threads that resize and normalise each batch's images (None: min(8, CPU count);
+    1: none, all on the calling thread); the pixel values are the same for any number.
     """
     return LeGradModel(
         folder,
@@ -872,6 +931,7 @@ def load(
         max_pixels=max_pixels,
         gpu_mem_limit=gpu_mem_limit,
         memory_budget=memory_budget,
+        image_workers=image_workers,
     )
 
 
@@ -926,6 +986,11 @@ def _check_embeddings(text_embeds: Any, embed_dim: int) -> np.ndarray:
     emb = emb / scale
     unit: np.ndarray = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
     return unit
+
+
+def _join(chunks: list[np.ndarray]) -> np.ndarray:
+    """Prompt chunks' outputs side by side (axis 1); one chunk as it is, not copied."""
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, 1)
 
 
 def _concat(parts: list[Explanation]) -> Explanation:
