@@ -10,6 +10,7 @@ which is slower but still right. Rewrite the snapshot after an open_clip upgrade
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.metadata
 import json
@@ -34,12 +35,18 @@ __all__ = [
     "openclip_catalogue",
     "unknown_model_message",
     "unknown_tag_message",
+    "FORMATS",
+    "ONNX",
+    "PT2",
+    "format_option",
 ]
 
 EXPORTED, LOCAL_DIR, HF_HUB = "exported", "local-dir", "hf-hub"
 CLASSIFIER, OPEN_CLIP = "classifier", "open_clip"
 _RANDOM = ("", "none", "random")
 _SHOWN_TAGS = 5
+ONNX, PT2 = "onnx", "pt2"  # the image graph's artifacts: ONNX (the runtime's), a PT2 package (docs/pt2.md)
+FORMATS = (ONNX, PT2)
 RANDOM_HINT = "--pretrained none for random weights (their heatmaps mean nothing)"
 _MEANINGLESS = "its heatmaps mean nothing (fine for tests and timing only)"
 
@@ -209,6 +216,17 @@ def random_weights_note(model: str, pretrained: str | None) -> str | None:
         if not any(any(path.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")):
             return f"{path} holds no checkpoint (.safetensors, .bin, .pth): random weights; " + _MEANINGLESS
     return None
+
+
+def format_option(text: str) -> tuple[str, ...]:
+    """--format 'onnx', 'pt2' or both ('onnx,pt2') → the formats, in FORMATS' order (argparse type)."""
+    names = [name.strip().lower() for name in text.split(",")]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"unknown format {', '.join(map(repr, unknown)) or repr(text)}; use onnx, pt2 or onnx,pt2"
+        )
+    return tuple(f for f in FORMATS if f in names)
 
 
 def render_openclip_names() -> str:

@@ -27,7 +27,7 @@ from legrad_runtime.errors import ExportError
 from legrad_runtime.files import ensure_output_folder
 from legrad_runtime.metadata import RESIZE_MODES, Size, parse_size
 
-from .arguments import check_model_arguments, random_weights_note
+from .arguments import ONNX, PT2, check_model_arguments, format_option, random_weights_note
 from .layers import DEFAULT_LAYERS, parse_layer_spec
 
 __all__ = [
@@ -48,6 +48,7 @@ _STAGE_TEXT = {
     "trace": "trace the image and text graphs to ONNX",
     "check": "check the graphs and verify them against the reference",
     "write": "write the tokenizer, metadata and checksums",
+    "pt2": "torch.export + AOTInductor: compile the image graph and verify the package",
 }
 
 
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp16: the image graph's weights and matmuls in half precision (about half the file), "
         "checked against the fp32 graph (every map's Pearson r >= 0.999); the folder gets the suffix "
         "__fp16 (default: fp32)",
+    )
+    p.add_argument(
+        "--format",
+        type=format_option,
+        default=(ONNX,),
+        metavar="FORMATS",
+        help="the image graph's artifacts: onnx (the runtime's, default), pt2 (a torch.export + "
+        "AOTInductor package for LibTorch apps, docs/pt2.md), or both: onnx,pt2",
     )
     p.add_argument("--out", default="models", help="parent folder of the exported model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
@@ -215,6 +224,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ExportError("--model is required (e.g. --model ViT-B-16); see --list-models")
     if not 0 < args.correction_threshold <= 1:
         raise ExportError(f"--correction-threshold {args.correction_threshold} must be in (0, 1]")
+    if PT2 in args.format and args.dtype != "fp32":
+        raise ExportError(f"--format pt2 writes an fp32 package; --dtype {args.dtype} is for ONNX only")
     try:
         image_size = image_size_option(args.image_size)
     except ValueError as exc:
@@ -230,7 +241,8 @@ def _export(args: argparse.Namespace) -> int:
     ok = False
     try:
         stages("load")
-        from .onnx_export import ExportSettings, export_model  # the torch import: Ctrl-C may come here
+        from .onnx_export import ExportSettings  # the torch import: Ctrl-C may come here
+        from .pt2 import export_folder
 
         loaded = load_from_args(args)
         settings = ExportSettings(
@@ -243,7 +255,7 @@ def _export(args: argparse.Namespace) -> int:
             correction_threshold=args.correction_threshold,
             dtype=args.dtype,
         )
-        folder = export_model(loaded, out, settings, on_stage=stages)
+        folder = export_folder(loaded, out, settings, args.format, on_stage=stages)
         ok = True
     finally:
         stages.close(ok=ok)
