@@ -29,6 +29,8 @@ import contextlib
 import math
 import os
 import struct
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -126,15 +128,52 @@ def _reading(name: str) -> Iterator[None]:
     A truncated read (PIL's TIFF reader only warns) is corruption: ImageInputError. Other notes on
     damaged metadata are dropped, as PIL recovers from them (a bad EXIF tag is skipped, so the image
     stays as stored). DecompressionBombWarning gives way to our own pixel limit.
+
+    The filters are process-wide (unless Python's warnings are context-aware), so threads reading
+    at once share one set: the first to start reading installs it, the last to finish restores
+    what was there before (nested `catch_warnings` per thread would undo each other's).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        warnings.filterwarnings("error", message="Truncated File Read", category=UserWarning)
+    with _reading_filters():
         try:
             yield
         except UserWarning as exc:
             raise _corrupt(name, exc) from None
+
+
+_FILTERS_LOCK = threading.Lock()
+_filters_users = 0  # threads inside _reading_filters() now
+_filters_saved: contextlib.ExitStack | None = None  # what restores the filters from before
+
+
+@contextlib.contextmanager
+def _reading_filters() -> Iterator[None]:
+    global _filters_users, _filters_saved
+    if getattr(sys.flags, "context_aware_warnings", False):  # each thread's own filters (3.14+)
+        with warnings.catch_warnings():
+            _install_reading_filters()
+            yield
+        return
+    with _FILTERS_LOCK:
+        if _filters_users == 0:
+            saved = contextlib.ExitStack()
+            saved.enter_context(warnings.catch_warnings())
+            _install_reading_filters()
+            _filters_saved = saved
+        _filters_users += 1
+    try:
+        yield
+    finally:
+        with _FILTERS_LOCK:
+            _filters_users -= 1
+            if _filters_users == 0 and _filters_saved is not None:
+                _filters_saved.close()
+                _filters_saved = None
+
+
+def _install_reading_filters() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    warnings.filterwarnings("error", message="Truncated File Read", category=UserWarning)
 
 
 def _corrupt(name: str, exc: BaseException) -> ImageInputError:

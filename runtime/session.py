@@ -782,52 +782,32 @@ class LeGradModel:
     def _load_batch(
         self, batch: list[tuple[int, ImageSource]], on_error: str
     ) -> tuple[np.ndarray, list[Image.Image], list[Placement], list[str], list[ImageFailure]]:
-        """A batch's images decoded, then preprocessed straight into one (n, 3, H, W) array: the
-        pixel values, the originals (RGB), placements and names of the n images that could be read,
-        and the failures (on_error='skip'; 'raise' raises the first failure, in input order).
-
-        Decoding runs here, one image after another: `load_image` sets the process-wide warning
-        filters while it reads an image, which threads would undo for each other. Resizing,
-        cropping and normalising run on `image_workers` threads (each image into its own row).
-        """
+        """A batch's images decoded and preprocessed straight into one (n, 3, H, W) array, each into
+        its own row, on `image_workers` threads: the pixel values, the originals (RGB), placements
+        and names of the n images that could be read, and the failures (on_error='skip'; 'raise'
+        raises the first failure in input order, as one thread would)."""
         cfg = self.metadata.preprocess
         labels = [str(s) if isinstance(s, (str, Path)) else f"image #{i}" for i, s in batch]
+        buffer = np.empty((len(batch), 3, *cfg.size), np.float32)
 
         def fatal(exc: BaseException) -> bool:
             return on_error == "raise" or not isinstance(exc, ImageInputError)
 
-        def decode(k: int) -> Image.Image:
-            index, source = batch[k]
+        def prepare(k: int) -> tuple[Image.Image, Placement]:
+            source = batch[k][1]
             is_path = isinstance(source, (str, Path))
-            return load_image(source, name=None if is_path else labels[k], max_pixels=self.max_pixels)
-
-        loaded = run_each(decode, len(batch), 1, stop=fatal)  # stops at the first failure to raise
-        decoded = [k for k, outcome in enumerate(loaded) if isinstance(outcome, Image.Image)]
-        buffer = np.empty((len(decoded), 3, *cfg.size), np.float32)
-
-        def prepare(row: int) -> tuple[Image.Image, Placement]:
-            image = loaded[decoded[row]]
-            assert isinstance(image, Image.Image)
-            placement = preprocess_into(image, cfg, buffer[row])
+            image = load_image(source, name=None if is_path else labels[k], max_pixels=self.max_pixels)
+            placement = preprocess_into(image, cfg, buffer[k])
             # preprocess needs the native mode; pictures need RGB (an RGB image is kept: it is already
             # load_image's own copy, never the caller's)
             return (image if image.mode == "RGB" else image.convert("RGB")), placement
 
-        prepared = run_each(prepare, len(decoded), self.image_workers, stop=fatal)
-        outcomes: list[tuple[Image.Image, Placement] | Exception | None] = [None] * len(batch)
-        for k, got in enumerate(loaded):
-            outcomes[k] = got if isinstance(got, Exception) else None
-        for row, result in enumerate(prepared):
-            outcomes[decoded[row]] = result
-        row_of = {k: row for row, k in enumerate(decoded)}
         rows: list[int] = []
         originals: list[Image.Image] = []
         placements: list[Placement] = []
         sources: list[str] = []
         failures: list[ImageFailure] = []
-        for k, outcome in enumerate(outcomes):
-            if outcome is None:  # after a failure that stopped the batch: never reached
-                break
+        for k, outcome in enumerate(run_each(prepare, len(batch), self.image_workers, stop=fatal)):
             if isinstance(outcome, Exception):
                 if fatal(outcome):
                     raise outcome
@@ -835,11 +815,11 @@ class LeGradModel:
                 failures.append(ImageFailure(batch[k][0], labels[k], outcome))
                 continue
             original, placement = outcome
-            rows.append(row_of[k])
+            rows.append(k)
             originals.append(original)
             placements.append(placement)
             sources.append(labels[k])
-        pixels = buffer if len(rows) == len(buffer) else buffer[rows]
+        pixels = buffer if len(rows) == len(batch) else buffer[rows]
         return pixels, originals, placements, sources, failures
 
     def _run(

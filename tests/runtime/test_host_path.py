@@ -7,7 +7,11 @@ and the threaded path with the single-threaded one. Torch-free.
 
 from __future__ import annotations
 
+import io
+import os
 import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -261,10 +265,72 @@ def test_skip_records_failures_in_order_and_keeps_the_good_rows(models, tmp_path
 
 
 def test_image_workers_is_checked_and_defaults_to_a_few_threads(model_folders):
-    import os
-
     for bad in (0, -2, True, 2.0, "4"):
         with pytest.raises(InputError, match="image_workers"):
             load(model_folders["squash"], device="cpu", image_workers=bad)  # type: ignore[arg-type]
     model = load(model_folders["squash"], device="cpu")
     assert model.image_workers == max(1, min(8, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- decoding on threads
+
+
+def _tiff(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_pixels((16, 8, 3), seed)).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def test_threads_reading_at_once_still_turn_truncated_reads_into_errors_and_restore_the_filters(tmp_path):
+    data = _tiff(0)
+    truncated = []  # cuts PIL's TIFF reader only warns about ("Truncated File Read"): errors here
+    for cut in range(1, len(data)):
+        path = tmp_path / f"cut{cut}.tif"
+        path.write_bytes(data[:cut])
+        try:
+            load_image(path)
+        except ImageInputError as exc:
+            if "Truncated File Read" in str(exc):
+                truncated.append(path)
+    assert truncated, "no cut of this TIFF makes PIL warn; the test needs one"
+    good = tmp_path / "good.tif"
+    good.write_bytes(data)
+    paths = [p for _ in range(6) for p in (*truncated[:4], good)]
+    before = list(warnings.filters)
+
+    def read(path):
+        try:
+            return load_image(path).size
+        except ImageInputError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(read, paths))
+    for path, outcome in zip(paths, got):
+        if path == good:
+            assert outcome == (8, 16)
+        else:
+            assert "Truncated File Read" in outcome, (path, outcome)
+    assert warnings.filters == before
+
+
+def test_explain_on_files_threaded_equals_single_threaded_and_the_reference(models, tmp_path):
+    single, threaded = models["shortest"]
+    cfg = single.metadata.preprocess
+    paths = []
+    for i, (mode, fmt) in enumerate(
+        [("RGB", "JPEG"), ("RGBA", "PNG"), ("L", "PNG"), ("P", "GIF"), ("RGB", "WEBP")] * 2
+    ):
+        path = tmp_path / f"im{i}.{fmt.lower()}"
+        _pil(mode, (30 + 7 * i, 41 - 2 * i), i).save(path, format=fmt)
+        paths.append(str(path))
+    a = single.explain(paths, text_embeds=np.ones((1, single.metadata.embed_dim)), batch_size=len(paths))
+    b = threaded.explain(paths, text_embeds=np.ones((1, single.metadata.embed_dim)), batch_size=len(paths))
+    np.testing.assert_array_equal(a.heatmaps, b.heatmaps)
+    np.testing.assert_array_equal(a.image_embeds, b.image_embeds)
+    assert a.sources == b.sources == paths and a.placements == b.placements
+    pixels = np.stack([reference_pixels(load_image(p), cfg) for p in paths])
+    heat = single._image.run(None, {"pixel_values": pixels, "text_embeds": a.text_embeds})[0]
+    np.testing.assert_array_equal(a.heatmaps, heat)
+    for original, path in zip(b.images, paths):
+        np.testing.assert_array_equal(np.asarray(original), np.asarray(load_image(path).convert("RGB")))
