@@ -22,6 +22,8 @@ fresh process (benchmarks/worker.py), so its peak RSS is its own:
   ... int8               the ONNX graphs after onnxruntime's dynamic int8 quantisation (--dtype int8, CPU)
   ... fp16               an fp16 export of the same model (--dtype fp16: --fp16-folder, or exported here
                          when legrad-export has --dtype)
+  LeGrad ONNX (ours) ... (LABEL)   the image graph of another export of the same model, e.g. one with
+                         its prompts batched (legrad-export --prompts batch): --extra-legrad LABEL=FOLDER
 
 --device cuda: the ONNX rows on onnxruntime's CUDA provider with IO binding (inputs on the device once),
 the torch rows on the GPU with torch.cuda.synchronize() after each timed call, device memory per row
@@ -116,6 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(legrad-export --dtype fp16)",
     )
     p.add_argument(
+        "--extra-legrad",
+        action="append",
+        default=[],
+        metavar="LABEL=FOLDER",
+        help="also time the LeGrad graph of another export of the same model and size (e.g. legrad-export "
+        "--prompts batch), as the row 'LeGrad ONNX (ours) [DTYPE] (LABEL)'; repeatable",
+    )
+    p.add_argument(
         "--compile-dtype",
         default=None,
         help="comma list of fp32, fp16 for the torch.compile rows (default: those of --dtype)",
@@ -175,6 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             "--fp16-folder goes with --model-folder (with --model, bench.py exports the fp16 graph itself)"
         )
+    extra = [item.partition("=") for item in args.extra_legrad]
+    if any(not label or not sep or not folder for label, sep, folder in extra):
+        p.error("--extra-legrad takes LABEL=FOLDER, e.g. batch=models/ViT-B-16__none__224__fp16")
+    args.extra_legrad = [(label, folder) for label, _, folder in extra]
     if args.authors_images is not None and args.authors_images < 1:
         p.error("--authors-images must be at least 1")
     args.sweep_prompts = [int(x) for x in args.sweep_prompts.split(",") if x.strip()]
@@ -423,6 +437,23 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"partial_rows": rows}, indent=2), encoding="utf-8")
 
+    for label, extra_path in args.extra_legrad:
+        extra_folder = Path(extra_path)
+        extra_meta = read_metadata(extra_folder)
+        dtype = str(extra_meta.extra.get("dtype", "fp32"))
+        name = METHODS["legrad"] + ("" if dtype == "fp32" else f" {dtype}") + f" ({label})"
+        if (extra_meta.model_name, extra_meta.image_size) != (meta.model_name, meta.image_size):
+            what = f"{extra_meta.model_name} at {extra_meta.image_size}"
+            skipped[name] = f"{extra_folder} is {what}, not this model and size"
+            continue
+        print(f"measuring {name} ...", flush=True)
+        spec = dict(base, method=WORKER_METHOD["legrad"], graph=str(extra_folder / IMAGE_GRAPH.filename))
+        try:
+            rows[name] = worker(spec) | {"key": "legrad", "dtype": dtype, "variant": label}
+        except RuntimeError as exc:
+            print(exc)
+            report_errors[name] = str(exc)[-500:]
+
     settings_key = {
         "model_name": meta.model_name,
         "image_size": list(meta.image_size),
@@ -570,6 +601,13 @@ def cuda_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "met": None if ratio is None else ratio >= TARGET_LEGRAD_OVER_PLAIN,
         "note": note if ratio is not None else "no fp16 rows",
     }
+    variants = {  # --extra-legrad rows in fp16: other exports of the same model (e.g. prompts batched)
+        row["variant"]: row["images_per_s"] / plain["images_per_s"]
+        for row in rows.values()
+        if row.get("variant") and row.get("dtype") == "fp16" and plain
+    }
+    if variants:
+        out["legrad_over_plain_fp16"]["variants"] = variants
     wanted = TARGET_IMAGES_PER_S.get(size)
     value = legrad["images_per_s"] if legrad else None
     out["legrad_fp16_images_per_s"] = {

@@ -380,6 +380,10 @@ def target_line(key: str, t: dict[str, Any]) -> str:
         text += f" (the paper's code: about {t['paper']:g})"
     if t.get("note"):
         text += f"; {t['note']}"
+    for label, ratio in (t.get("variants") or {}).items():  # bench.py --extra-legrad rows
+        text += f"; the '{label}' export: {ratio:.3g}"
+        if t.get("target") is not None:
+            text += " (met)" if ratio >= t["target"] else " (NOT met)"
     return text
 
 

@@ -15,7 +15,8 @@
 #   env      OUTDIR/env.json: GPU, driver, CUDA, torch, onnxruntime (does a CUDA session start?),
 #            modules. Without CUDA: "no CUDA: skipping the GPU stages", summary, exit 0
 #   export   in parallel: the tiny test models (tests/tiny_models.py) and ViT-B-16 (random weights)
-#            at each size, fp32 and, when legrad-export has --dtype, fp16; kept in WORK for later runs
+#            at each size, fp32 and, when legrad-export has --dtype, fp16, and fp16 with --prompts batch
+#            (no Scan; its LeGrad rows are timed beside the default's); kept in WORK for later runs
 #   test     pytest -m gpu (needs onnxruntime's CUDA provider)
 #   onnx     bench.py --device cuda, the ONNX rows (plain forward and LeGrad, fp32 and fp16, the
 #            runtime), with the torch rows of an earlier run added: OUTDIR/bench-SIZE.json (P=1),
@@ -231,20 +232,28 @@ else
   note "export: legrad-export has no --dtype: no fp16 exports, the fp16 rows are skipped"
 fi
 DTYPES="fp32$([ "$FP16" = 1 ] && echo ' fp16')"
-# a finished export's marker, WORK/DTYPE/ViT-B-16-SIZE.done, holds the folder legrad-export printed
+# the same fp16 graph with its prompts batched (no Scan; legrad-export --prompts batch): its LeGrad rows
+# are timed beside the default's (bench.py --extra-legrad), to choose the GPU default by measurement
+BATCHED=""
+if [ "$FP16" = 1 ] && grep -q -- '--prompts' <<< "$export_help"; then
+  BATCHED=fp16-batch
+else
+  note "export: legrad-export has no --prompts (or no --dtype): no batched-prompts rows"
+fi
+# a finished export's marker, WORK/KIND/ViT-B-16-SIZE.done, holds the folder legrad-export printed
 # (ViT-B-16__none__SIZE, with __fp16 for fp16); it lies beside the folder, which holds its own files only
-marker_of() { echo "$WORK/$2/ViT-B-16-$1.done"; }   # SIZE DTYPE
-exported() { [ -s "$(marker_of "$1" "$2")" ] && [ -d "$(cat "$(marker_of "$1" "$2")")" ]; }  # SIZE DTYPE
-folder_of() {                                         # SIZE DTYPE
+marker_of() { echo "$WORK/$2/ViT-B-16-$1.done"; }   # SIZE KIND (fp32, fp16, fp16-batch)
+exported() { [ -s "$(marker_of "$1" "$2")" ] && [ -d "$(cat "$(marker_of "$1" "$2")")" ]; }  # SIZE KIND
+folder_of() {                                         # SIZE KIND
   if exported "$1" "$2"; then cat "$(marker_of "$1" "$2")"
-  else echo "$WORK/$2/ViT-B-16__none__$1$([ "$2" = fp16 ] && echo __fp16)"; fi
+  else echo "$WORK/$2/ViT-B-16__none__$1$(case $2 in fp16*) echo __fp16 ;; esac)"; fi
 }
 
 if wants export; then
   jobs_names=()
   declare -A job_pid=()
   n_jobs=1
-  for size in $SIZES; do for dtype in $DTYPES; do n_jobs=$((n_jobs + 1)); done; done
+  for size in $SIZES; do for dtype in $DTYPES $BATCHED; do n_jobs=$((n_jobs + 1)); done; done
   nproc_=$(nproc 2>/dev/null || echo 4)
   threads=$(( nproc_ / n_jobs )); [ "$threads" -ge 1 ] || threads=1
   limit=$(stage_limit 300)
@@ -271,9 +280,10 @@ if wants export; then
     say "export: up to $n_jobs jobs in parallel, $threads threads each, timeout ${limit}s"
     start_job tiny "$WORK/tiny.done" env OMP_NUM_THREADS="$threads" "$PYTHON" tests/tiny_models.py "$WORK/tiny"
     for size in $SIZES; do
-      for dtype in $DTYPES; do
+      for dtype in $DTYPES $BATCHED; do
         extra=()
         [ "$dtype" = fp16 ] && extra=(--dtype fp16)
+        [ "$dtype" = fp16-batch ] && extra=(--dtype fp16 --prompts batch)
         start_job "vit-b-16-$size-$dtype" "$(marker_of "$size" "$dtype")" \
           env OMP_NUM_THREADS="$threads" "$PYTHON" -m legrad_export.cli --model ViT-B-16 --pretrained none \
           --image-size "$size" --out "$WORK/$dtype" --overwrite --no-verify "${extra[@]}"
@@ -330,8 +340,8 @@ torch_stage() {
       note "torch $size: skipped, no export $(folder_of "$size" fp32)"
       continue
     fi
-    methods=reference,authors
-    in_list "$size" "$COMPILE_SIZES" && methods=reference,compile,authors
+    methods=reference,authors   # torch.compile last: its compiles are the slowest rows, and may not fit
+    in_list "$size" "$COMPILE_SIZES" && methods=reference,authors,compile
     run_timed "torch $size" 240 "${bench[@]}" --model-folder "$(folder_of "$size" fp32)" \
       --batch "$(batch_for "$size")" --prompts 1 --methods "$methods" --compile-dtype "$COMPILE_DTYPE" \
       --authors-images "$AUTHORS_IMAGES" --latency-runs 10 --json "$json"
@@ -359,6 +369,9 @@ onnx_stage() {
       args=(--model-folder "$f32" --batch "$(batch_for "$size")" --prompts "$prompts")
       if [ "$FP16" = 1 ] && { exported "$size" fp16 || [ "$DRY" = 1 ]; }; then
         args+=(--dtype fp32,fp16 --fp16-folder "$f16")
+      fi
+      if [ -n "$BATCHED" ] && { exported "$size" "$BATCHED" || [ "$DRY" = 1 ]; }; then
+        args+=(--extra-legrad "batch=$(folder_of "$size" "$BATCHED")")
       fi
       if [ "$prompts" = 1 ]; then
         args+=(--methods plain,legrad,runtime --latency-runs 20 --json "$OUTDIR/bench-$size.json")

@@ -100,7 +100,7 @@ def test_the_dry_run_prints_commands_the_tools_accept(tmp_path):
     benches = [c[c.index("benchmarks/bench.py") + 1 :] for c in commands if "benchmarks/bench.py" in c]
     exports = [c[c.index("legrad_export.cli") + 1 :] for c in commands if "legrad_export.cli" in c]
     tests = [c for c in commands if "pytest" in c]
-    assert len(benches) == 6 and len(exports) in (2, 4) and len(tests) == 1, proc.stdout
+    assert len(benches) == 6 and len(exports) in (2, 4, 6) and len(tests) == 1, proc.stdout
     for argv in benches:
         args = bench.parse_args(argv)
         assert args.device == "cuda" and args.model_folder is not None and args.json is not None
@@ -109,11 +109,19 @@ def test_the_dry_run_prints_commands_the_tools_accept(tmp_path):
     assert ["compile" in a.methods for a in torch_rows] == [True, False]  # compile at 224 only
     onnx_p1 = [bench.parse_args(a) for a in benches if "runtime" in " ".join(a)]
     assert [a.batch for a in onnx_p1] == [256, 64] and all(a.add_rows for a in onnx_p1)
-    if len(exports) == 4:  # legrad-export has --dtype: fp16 exports, and fp16 rows from them
-        assert sum("fp16" in a for a in exports) == 2
+    if len(exports) >= 4:  # legrad-export has --dtype: fp16 exports, and fp16 rows from them
+        assert sum("fp16" in a for a in exports) == len(exports) - 2
         for args in onnx_p1:
             assert args.dtype == ["fp32", "fp16"] and args.fp16_folder.name.endswith("__fp16")
             assert args.fp16_folder.name.startswith(args.model_folder.name)
+    batched = [a for a in exports if "--prompts" in a]
+    if len(exports) == 6:  # and --prompts: an fp16 export with its prompts batched, timed beside the default
+        assert [a[a.index("--prompts") + 1] for a in batched] == ["batch", "batch"]
+        onnx_rows = [bench.parse_args(a) for a in benches if "reference" not in " ".join(a)]
+        for args in onnx_rows:
+            ((label, folder),) = args.extra_legrad
+            folder = Path(folder)
+            assert label == "batch" and folder.name == args.fp16_folder.name and folder != args.fp16_folder
     assert {bench.parse_args(a).prompts for a in benches} == {1, 4}
     from legrad_export.cli import build_parser
 
@@ -266,6 +274,11 @@ def test_the_targets_compare_fp16_legrad_with_its_plain_forward_and_the_issues_r
     assert t["legrad_fp16_images_per_s"]["target"] == 400 and t["legrad_fp16_images_per_s"]["met"] is False
     assert "P=1" in t["legrad_over_plain_fp16"]["note"]
     assert "NOT met" in gpu_check.target_line("x", t["legrad_fp16_images_per_s"])
+    r = cuda_report(**{M["plain"] + " fp16": (0.100, 256), M["legrad"] + " fp16 (batch)": (0.125, 256)})
+    r["rows"][M["legrad"] + " fp16 (batch)"] |= {"dtype": "fp16", "variant": "batch"}
+    t = bench.cuda_targets(r)["legrad_over_plain_fp16"]  # an --extra-legrad row: reported beside
+    assert t["value"] is None and t["variants"] == {"batch": pytest.approx(0.8)}
+    assert "the 'batch' export: 0.8 (met)" in gpu_check.target_line("x", t)
     t = bench.cuda_targets(cuda_report(**{M["legrad"]: (1.0, 256)}))  # no fp16 rows
     assert t["legrad_over_plain_fp16"]["met"] is None and t["legrad_fp16_images_per_s"]["met"] is None
     assert "n/a" in gpu_check.target_line("x", t["legrad_fp16_images_per_s"])
@@ -372,6 +385,8 @@ def test_bench_arguments_for_the_gpu():
     args = bench.parse_args(["--model-folder", "m", "--compile-dtype", "fp16", "--authors-images", "4"])
     assert args.device == "cpu" and args.dtype == ["fp32"] and args.compile_dtype == ["fp16"]
     assert bench.parse_args(["--model", "ViT-B-16"]).add_rows == []
+    args = bench.parse_args(["--model-folder", "m", "--extra-legrad", "batch=a=b", "--extra-legrad", "x=y"])
+    assert args.extra_legrad == [("batch", "a=b"), ("x", "y")]
     for bad in (
         ["--model-folder", "m", "--device", "cuda", "--dtype", "int8"],
         ["--model", "ViT-B-16", "--fp16-folder", "f"],
@@ -379,6 +394,8 @@ def test_bench_arguments_for_the_gpu():
         ["--model-folder", "m", "--compile-dtype", "int8"],
         ["--model-folder", "m", "--authors-images", "0"],
         ["--model-folder", "m", "--device", "tpu"],
+        ["--model-folder", "m", "--extra-legrad", "models/x"],
+        ["--model-folder", "m", "--extra-legrad", "batch="],
     ):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
@@ -518,6 +535,20 @@ def test_bench_takes_an_fp16_folder_and_says_why_it_does_not_compare_its_maps(mo
     assert "fp16_agreement" not in r and "other weights" in r["fp16_agreement_note"]
     assert "fp16 vs fp32 agreement: not measured" in capsys.readouterr().out
     assert "targets" not in r and r["settings"]["device"] == "cpu"
+
+
+def test_bench_times_another_export_of_the_same_model_as_a_labelled_row(model_folder, tmp_path):
+    out = tmp_path / "r.json"
+    bench.main(
+        ["--model-folder", str(model_folder), "--extra-legrad", f"batch={model_folder}",
+         "--methods", "plain,legrad", "--batch", "1", "--prompts", "1", "--repeats", "1",
+         "--latency-runs", "0", "--sweep-prompts", "", "--sweep-layers", "0", "--json", str(out)]
+    )  # fmt: skip
+    r = json.loads(out.read_text())
+    assert list(r["rows"]) == [M["plain"], M["legrad"], M["legrad"] + " (batch)"]
+    row = r["rows"][M["legrad"] + " (batch)"]
+    assert (row["key"], row["dtype"], row["variant"]) == ("legrad", "fp32", "batch") and row["median_s"] > 0
+    assert r["ratio_vs_plain"][M["legrad"] + " (batch)"] > 0
 
 
 def test_the_cuda_path_of_a_row_runs_through_io_binding_once_per_input(tmp_path, monkeypatch):
