@@ -153,8 +153,7 @@ def table(runs: dict[str, dict[str, Any]], sizes: list[int]) -> str:
     rows = [
         "| B | stage | "
         + " | ".join(f"{lb} ms/img" for lb in labels)
-        + " | "
-        + (f"{labels[0]} / {labels[1]} |" if len(labels) == 2 else ""),
+        + (f" | {labels[0]} / {labels[1]} |" if len(labels) == 2 else " |"),
         "| ---: | --- | " + " | ".join("---:" for _ in labels) + (" | ---: |" if len(labels) == 2 else " |"),
     ]
     stages = ["explain", "bare", "host", "decode", "preprocess", "originals", "check outputs", "concat"]
@@ -186,6 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     got = measure(args.folder, args.sizes, args.repeats, args.old_runtime)
     runs = {label: got[label] for label in ("old", "new") if label in got}
+    if len(runs) == 1:
+        runs = {"this": runs["new"]}
     print(f"machine: {machine()}")
     print(f"model: {args.folder}; best of {args.repeats}")
     for label, run in runs.items():
