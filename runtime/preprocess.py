@@ -357,7 +357,7 @@ def normalise(rgb: np.ndarray, cfg: PreprocessCfg, out: np.ndarray) -> None:
 
 
 def default_workers() -> int:
-    """Threads that preprocess a batch's images by default: min(8, CPU count)."""
+    """Threads that decode and preprocess a batch's images by default: min(8, CPU count)."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -373,9 +373,10 @@ def run_each(
 ) -> list[T | Exception]:
     """task(0) ... task(count - 1), each one's result or the Exception it raised, in order.
 
-    With `workers` above 1 they run in a thread pool of that many threads (PIL's resampling and
-    numpy's arithmetic release the GIL) and every task runs; with 1 they run here, one after the
-    other, and the first failure for which `stop` says True ends the list (the rest are not run).
+    With `workers` above 1 they run in a thread pool of that many threads (PIL's decoders and
+    resampling and numpy's arithmetic release the GIL) and every task runs; with 1 they run here,
+    one after the other, and the first failure for which `stop` says True ends the list (the rest
+    are not run).
     """
 
     def attempt(i: int) -> T | Exception:

@@ -357,7 +357,7 @@ class LeGradModel:
             raise InputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
         if memory_budget is not None:
             _check_budget(memory_budget)
-        # threads that resize and normalise a batch's images (decoding stays on the calling thread)
+        # threads that decode, resize and normalise a batch's images (1: the calling thread only)
         self.image_workers = default_workers() if image_workers is None else check_workers(image_workers)
         wanted = parse_device(device)
         available = ort.get_available_providers()
@@ -900,8 +900,8 @@ def load(
     smaller budget splits the work into more, smaller calls, with the same maps.
     `verify=False` skips the checksums and the check that the folder holds no file its metadata does
     not list (for a folder you trust); every path is still checked to stay inside the folder.
-    `image_workers`: threads that resize and normalise each batch's images (None: min(8, CPU count);
-    1: none, all on the calling thread); the pixel values are the same for any number.
+    `image_workers`: threads that decode, resize and normalise each batch's images (None: min(8, CPU
+    count); 1: none, all on the calling thread); the pixel values are the same for any number.
     """
     return LeGradModel(
         folder,
