@@ -115,10 +115,23 @@ def tail_nodes(graph: onnx.GraphProto, types: Mapping[str, int]) -> list[str]:
     return names
 
 
+_PROMPT_INPUTS = ("text_embeds", "class_ids")  # IMAGE_GRAPH's and CLASSIFIER_GRAPH's per-prompt input
+
+
 def loop_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Names of the nodes inside the main graph's subgraphs: the prompt loop's body (the per-prompt
-    LeGrad backward)."""
-    return [n.name for g in list(_graphs(graph))[1:] for n in g.node]
+    """Names of the per-prompt LeGrad backward's nodes: the prompt loop's body, or, in a graph that
+    takes its prompts at once (no loop: `legrad-export --prompts batch`), every main-graph node
+    downstream of the prompts input."""
+    bodies = list(_graphs(graph))[1:]
+    if bodies:
+        return [n.name for g in bodies for n in g.node]
+    reached = {i.name for i in graph.input if i.name in _PROMPT_INPUTS}
+    names = []
+    for node in graph.node:  # topologically sorted
+        if reached & set(node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
 
 
 def convert_to_fp16(

@@ -140,6 +140,6 @@ def eva_prompt_map(
     w = g_z @ weights.w2_g2_lm  # (B, M)
     w_c = w - w.mean(-1, keepdim=True)
     s = prep.h_hat @ w.unsqueeze(-1)  # (B, N, 1)
-    g_y = (prep.c * torch.cat([w_c, w_c], dim=-1).unsqueeze(1)) @ weights.w_gx_l2 - s * prep.t  # (B, N, D)
+    g_y = (prep.c * w_c.repeat(1, 2).unsqueeze(1)) @ weights.w_gx_l2 - s * prep.t  # (B, N, D)
     g_mid = g_z.unsqueeze(1) + _ln_backward(g_y, prep.mid_hat, prep.mid_rstd)
     return relevance(_ln_backward(g_mid @ weights.wo_g1_la, prep.o_hat, prep.o_rstd), prep.v)

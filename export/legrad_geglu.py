@@ -71,7 +71,7 @@ def geglu_prompt_map(
     """Raw LeGrad map of one GeGLU layer for one prompt (E,) and every image: (B, N-R)."""
     g_z = vit.head.backward(prep.head, text_embed, prep.c.shape[1])  # (B, D)
     g_h = g_z @ weights.w2_g2  # (B, M)
-    g_n = (prep.c * torch.cat([g_h, g_h], dim=-1).unsqueeze(1)) @ weights.w01  # (B, N, D)
+    g_n = (prep.c * g_h.repeat(1, 2).unsqueeze(1)) @ weights.w01  # (B, N, D)
     g_y = weights.ln_mlp.backward(g_n, prep.n_hat, prep.n_rstd)
     g_mid = g_z.unsqueeze(1) + weights.ln_2.backward(g_y, prep.mid_hat, prep.mid_rstd)  # (B, N, D)
     return relevance(g_mid @ weights.wo_g1, prep.v)

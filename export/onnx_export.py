@@ -145,7 +145,27 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec) -> onnx.ModelP
             external_data=False,
             verbose=False,
         )
-    return program.model_proto
+    proto = program.model_proto
+    _check_dynamic(proto, spec)
+    return proto
+
+
+def _check_dynamic(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """torch.onnx falls back to tracing with fixed shapes when torch.export cannot keep an axis dynamic
+    (it then specialises the axis to the example's size, quietly): refuse such a graph."""
+    dims = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
+    fixed = [
+        f"{t.name}[{i}] ({axis})"
+        for t in spec.inputs
+        for i, axis in enumerate(t.shape)
+        if axis in spec.dynamic_axes and t.name in dims and not dims[t.name][i].dim_param
+    ]
+    if fixed:
+        raise ExportError(
+            f"the traced graph fixed {', '.join(fixed)} to the example's size instead of keeping "
+            "it dynamic; this is a bug in the exporter (some op specialises the shape under "
+            "torch.export): please report it with the model name"
+        )
 
 
 def _save(proto: onnx.ModelProto, path: Path, metadata_json: str, param_bytes: int) -> None:
