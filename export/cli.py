@@ -27,7 +27,7 @@ from legrad_runtime.errors import ExportError
 from legrad_runtime.files import ensure_output_folder
 from legrad_runtime.metadata import RESIZE_MODES, Size, parse_size
 
-from .arguments import ONNX, PT2, check_model_arguments, format_option, random_weights_note
+from .arguments import ONNX, PROMPT_MODES, PT2, check_model_arguments, format_option, random_weights_note
 from .layers import DEFAULT_LAYERS, parse_layer_spec
 
 __all__ = [
@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp16: the image graph's weights and matmuls in half precision (about half the file), "
         "checked against the fp32 graph (every map's Pearson r >= 0.999); the folder gets the suffix "
         "__fp16 (default: fp32)",
+    )
+    p.add_argument(
+        "--prompts",
+        choices=PROMPT_MODES,
+        default="loop",
+        help="how the image graph runs a call's prompts: loop (one at a time inside the graph, so memory "
+        "does not grow with their number; default) or batch (all at once, no loop in the graph; memory "
+        "grows with them, and the runtime splits long prompt lists across calls)",
     )
     p.add_argument(
         "--format",
@@ -254,6 +262,7 @@ def _export(args: argparse.Namespace) -> int:
             correction=not args.no_correction,
             correction_threshold=args.correction_threshold,
             dtype=args.dtype,
+            prompts=args.prompts,
         )
         folder = export_folder(loaded, out, settings, args.format, on_stage=stages)
         ok = True

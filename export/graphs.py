@@ -57,7 +57,7 @@ def build_image_graph(
 
     `correction` and `threshold` apply to MAP-head towers (SigLIP's empty-prompt correction), whose
     graph always takes its prompts at once (a prompt's backward through the head is tiny);
-    `prompts` ('loop' or 'batch', legrad.PROMPT_MODES) to the others.
+    `prompts` ('loop' or 'batch', arguments.PROMPT_MODES) to the others.
     """
     vit = explicit_vit(loaded, image_size)
     if loaded.vit.is_classifier:

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan
 
+from .arguments import PROMPT_MODES
 from .heads import HeadTrace
 from .legrad_eva import EvaWeights, eva_prompt_map, prepare_eva_layer
 from .legrad_geglu import GegluWeights, geglu_prompt_map, prepare_geglu_layer
@@ -42,7 +43,6 @@ from .ops import activation_derivative, relevance
 from .vit import Block, BlockTrace, ExplicitViT
 
 __all__ = [
-    "PROMPT_MODES",
     "LeGrad",
     "BackwardWeights",
     "LayerPrep",
@@ -51,9 +51,6 @@ __all__ = [
     "min_max",
     "upsample",
 ]
-
-
-PROMPT_MODES = ("loop", "batch")  # how the image graph runs its prompts (LeGrad.layer_maps)
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:

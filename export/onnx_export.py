@@ -42,6 +42,7 @@ from legrad_runtime.metadata import (
 )
 from legrad_runtime.session import PROMPT_LOOP_KEY
 
+from .arguments import PROMPT_MODES
 from .fp16_export import DTYPES, FP16_SUFFIX, convert_image_graph, verification_feeds
 from .graphs import (
     DEFAULT_THRESHOLD,
@@ -52,7 +53,6 @@ from .graphs import (
     example_image_inputs,
 )
 from .layers import resolve_layers
-from .legrad import PROMPT_MODES
 from .load import OPEN_CLIP_VERSION, default_layer_spec
 from .load_classifier import AnyLoaded
 from .memory import check_fits

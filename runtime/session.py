@@ -628,9 +628,10 @@ class LeGradModel:
         traces the backward keeps (three token × MLP-width tensors and four token × width ones), and
         one prompt's backward per layer (the attention gradient, heads × N², twice for its ReLU, and
         the MLP's token × MLP-width gradient). Per (image, prompt): the heatmap outputs and their
-        normalisation temporaries. Graphs without the prompt loop (older exports) hold every
-        prompt's backward at once: per (image, prompt) it is the attention gradient and a few
-        token × width tensors per layer.
+        normalisation temporaries. Graphs without the prompt loop (`legrad-export --prompts batch`,
+        and older exports) hold every prompt's backward at once: per (image, prompt) it is the
+        attention gradient and a few token × width tensors per layer (ViT-B-16 at 224 on the CPU:
+        7 MB measured, 18 MB counted).
 
         MAP-head towers (SigLIP) explain the head's attention, one query over the N tokens: the
         forward is the same, but each explained layer's trace is the head's keys and values (a few

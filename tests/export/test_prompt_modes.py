@@ -172,3 +172,17 @@ def test_a_graph_whose_dynamic_axes_were_fixed_by_the_trace_is_refused():
     _check_dynamic(proto("prompts"), IMAGE_GRAPH)
     with pytest.raises(ExportError, match=r"fixed text_embeds\[0\] \(prompts\) to the example's size"):
         _check_dynamic(proto(2), IMAGE_GRAPH)
+
+
+def test_the_cli_exports_a_batched_graph_and_refuses_an_unknown_mode(tiny_dirs, tmp_path, capsys):
+    from legrad_export.cli import main as export_main
+
+    source = f"local-dir:{tiny_dirs['layerscale']}"
+    assert export_main(["--model", source, "--out", str(tmp_path), "--prompts", "batch", "--no-verify"]) == 0
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    nodes = onnx.load(str(folder / IMAGE_GRAPH.filename), load_external_data=False).graph.node
+    assert "Scan" not in {n.op_type for n in nodes}
+    assert read_metadata(folder).extra["prompt_loop"] is False
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--model", source, "--out", str(tmp_path), "--prompts", "all"])
+    assert exit_info.value.code == 2 and "invalid choice: 'all'" in capsys.readouterr().err
