@@ -206,12 +206,6 @@ def _pt2_facts(spec: GraphSpec, meta: ModelMetadata, times: dict[str, float]) ->
     }
 
 
-def _prompt_mode(settings: ExportSettings) -> dict[str, str]:
-    """The ONNX graph's prompt mode ('loop' or 'batch'), where this ExportSettings has one."""
-    mode = getattr(settings, "prompts", None)  # a field being added beside this module
-    return {} if mode is None else {"prompts": mode}
-
-
 def export_folder(
     loaded: AnyLoaded,
     out_root: str | Path,
@@ -248,7 +242,7 @@ def export_folder(
             meta.layers,
             settings.correction,
             settings.correction_threshold,
-            **_prompt_mode(settings),
+            settings.prompts,  # 'loop' (a scan, see _scan_binds) or 'batch' (vmap), as the ONNX graph
         )
         spec = image_graph_spec(meta)
         if meta.is_classifier:
