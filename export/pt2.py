@@ -36,7 +36,6 @@ from legrad_runtime.metadata import (
     sha256_file,
 )
 
-from . import legrad as legrad_module
 from .arguments import FORMATS, ONNX, PT2
 from .graphs import build_image_graph, example_classifier_inputs, example_image_inputs
 from .load_classifier import AnyLoaded
@@ -58,36 +57,6 @@ PT2_KEY = "pt2"  # metadata extra["pt2"]: what the package is and how it was che
 _MIN_SIDE = 1  # the dynamic axes' lower bound (0 images or 0 prompts is no call)
 
 
-# ---------------------------------------------------------------- torch.export of the prompt scan
-
-
-@contextlib.contextmanager
-def _scan_binds(size: torch.SymInt | int) -> Iterator[None]:
-    """While tracing, LeGrad's prompt scan also reads `size` (the batch) inside its body.
-
-    torch 2.14's Inductor lowers a scan to a while_loop whose output buffer it sizes from the scan's
-    SymInt operands only (`decompose_scan_to_while_loop`); the batch appears only in the shapes of
-    the tensors the body closes over, so compiling a dynamic batch fails with `KeyError: s<N>`. A use
-    of the batch inside the body makes torch.export lift it as a SymInt operand. The added term is an
-    exact zero on the int64 loop counter; the maps are not touched. Only `legrad.scan` is swapped, for
-    the duration of the trace.
-    """
-    original = legrad_module.scan
-
-    def scan(combine_fn, init, xs, **kwargs):
-        def body(carry, x):
-            carry, y = combine_fn(carry, x)
-            return carry + 0 * torch.full((), size, dtype=carry.dtype), y
-
-        return original(body, init, xs, **kwargs)
-
-    legrad_module.scan = scan
-    try:
-        yield
-    finally:
-        legrad_module.scan = original
-
-
 @contextlib.contextmanager
 def _logger_level(name: str, level: int) -> Iterator[None]:
     logger = logging.getLogger(name)
@@ -97,18 +66,6 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(before)
-
-
-class _Traced(nn.Module):
-    """The image graph, with the scan workaround on while torch.export traces it."""
-
-    def __init__(self, graph: nn.Module):
-        super().__init__()
-        self.legrad = graph  # not `graph`: the exported GraphModule has its own `.graph`
-
-    def forward(self, pixel_values: torch.Tensor, queries: torch.Tensor):
-        with _scan_binds(pixel_values.shape[0]):
-            return self.legrad(pixel_values, queries)
 
 
 def export_pt2_package(
@@ -122,7 +79,7 @@ def export_pt2_package(
     try:
         with _quiet():
             program = torch.export.export(
-                _Traced(graph), example, dynamic_shapes=({0: batch}, {0: prompts}), strict=False
+                graph, example, dynamic_shapes=({0: batch}, {0: prompts}), strict=False
             )
     except Exception as exc:  # torch.export's own errors are many types; name what failed, once
         raise ExportError(f"torch.export of the image graph failed: {type(exc).__name__}: {exc}") from exc
@@ -202,6 +159,7 @@ def _pt2_facts(spec: GraphSpec, meta: ModelMetadata, times: dict[str, float]) ->
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": shape(t.shape)} for t in spec.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": shape(t.shape)} for t in spec.outputs],
         "dynamic": {"batch": [_MIN_SIDE, None], "prompts": [_MIN_SIDE, None]},
+        "prompts": "batch",  # every prompt of a call at once: memory grows with their number
         **{k: round(v, 1) for k, v in times.items()},
     }
 
@@ -242,7 +200,9 @@ def export_folder(
             meta.layers,
             settings.correction,
             settings.correction_threshold,
-            settings.prompts,  # 'loop' (a scan, see _scan_binds) or 'batch' (vmap), as the ONNX graph
+            # every prompt at once: torch 2.14's AOTInductor cannot compile the prompt scan with a
+            # dynamic batch (KeyError: s<N> in decompose_scan_to_while_loop; docs/pt2.md)
+            prompts="batch",
         )
         spec = image_graph_spec(meta)
         if meta.is_classifier:
