@@ -47,9 +47,8 @@ CLASSIFIER, OPEN_CLIP = "classifier", "open_clip"
 _RANDOM = ("", "none", "random")
 _SHOWN_TAGS = 5
 ONNX, PT2 = "onnx", "pt2"  # the image graph's artifacts: ONNX (the runtime's), a PT2 package (docs/pt2.md)
-PROMPT_MODES = ("loop", "batch")  # how the image graph runs a call's prompts (legrad.LeGrad.layer_maps)
-
 FORMATS = (ONNX, PT2)
+PROMPT_MODES = ("loop", "batch")  # how the image graph runs a call's prompts (legrad.LeGrad.layer_maps)
 RANDOM_HINT = "--pretrained none for random weights (their heatmaps mean nothing)"
 _MEANINGLESS = "its heatmaps mean nothing (fine for tests and timing only)"
 

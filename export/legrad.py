@@ -42,15 +42,7 @@ from .legrad_geglu import GegluWeights, geglu_prompt_map, prepare_geglu_layer
 from .ops import activation_derivative, relevance
 from .vit import Block, BlockTrace, ExplicitViT
 
-__all__ = [
-    "LeGrad",
-    "BackwardWeights",
-    "LayerPrep",
-    "prepare_layer",
-    "prompt_map",
-    "min_max",
-    "upsample",
-]
+__all__ = ["LeGrad", "BackwardWeights", "LayerPrep", "prepare_layer", "prompt_map", "min_max", "upsample"]
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:

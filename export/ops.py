@@ -66,7 +66,7 @@ def relevance(g_o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     The gradient is laid out (B, H, J, N), queries last, so that the big mean runs over the last
     axis: onnxruntime's CUDA reduction has a fast kernel only for leading or trailing axes, and
-    sends (B, H, N, J) reduced over (1, 2) to cuDNN. On the CPU the trailing mean is faster too."""
+    sends (B, H, N, J) reduced over (1, 2) to cuDNN (docs/gpu.md). On the CPU it makes no difference."""
     B, N, _ = g_o.shape
     U = g_o.reshape(B, N, v.shape[1], -1).transpose(1, 2)  # (B, H, N, dh)
     return torch.relu(v @ U.transpose(-1, -2)).mean(-1).mean(1)  # (B, H, J, N) → (B, H, J) → (B, J)
