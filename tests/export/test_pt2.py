@@ -90,6 +90,7 @@ def test_cli_writes_the_package_and_its_metadata(exported):
     assert [i["name"] for i in facts["inputs"]] == IMAGE_GRAPH.input_names
     assert facts["inputs"][0]["shape"] == ["batch", 3, *meta.image_size]
     assert facts["dynamic"] == {"batch": [1, None], "prompts": [1, None]}
+    assert facts["prompts"] == "batch" and meta.extra["prompt_loop"] is True  # the ONNX graph loops
     assert set(facts["verification_max_abs_diff"]) == set(IMAGE_GRAPH.output_names)
     assert all(d <= ATOL[name] for name, d in facts["verification_max_abs_diff"].items())
     assert facts["compile_s"] > 0
