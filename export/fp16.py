@@ -107,10 +107,15 @@ def tail_nodes(graph: onnx.GraphProto, types: Mapping[str, int]) -> list[str]:
             stack += [x for x in node.input if types.get(x) == TensorProto.FLOAT]
         elif node is not None:
             raw.add(name)
-    names = []
+    return _downstream(graph, raw)
+
+
+def _downstream(graph: onnx.GraphProto, values: set[str]) -> list[str]:
+    """Names of the main graph's nodes that read `values`, or what such nodes write, in order."""
+    reached, names = set(values), []
     for node in graph.node:  # topologically sorted
-        if raw & set(node.input):
-            raw.update(node.output)
+        if reached & set(node.input):
+            reached.update(node.output)
             names.append(node.name)
     return names
 
@@ -125,13 +130,7 @@ def loop_nodes(graph: onnx.GraphProto) -> list[str]:
     bodies = list(_graphs(graph))[1:]
     if bodies:
         return [n.name for g in bodies for n in g.node]
-    reached = {i.name for i in graph.input if i.name in _PROMPT_INPUTS}
-    names = []
-    for node in graph.node:  # topologically sorted
-        if reached & set(node.input):
-            reached.update(node.output)
-            names.append(node.name)
-    return names
+    return _downstream(graph, {i.name for i in graph.input if i.name in _PROMPT_INPUTS})
 
 
 def convert_to_fp16(
