@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray", reason="the `ray` extra: pip install 'legrad-on
 from legrad_runtime import load  # noqa: E402
 from legrad_runtime.cli import main  # noqa: E402
 from legrad_runtime.ray import explain_dataset, read_image_folder, read_parquet_images, top_region  # noqa: E402
+from legrad_runtime.visualize import overlay  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square"]
 SIZES = [(40, 30), (64, 64), (23, 57), (50, 41), (64, 64)]  # (width, height): ragged batches
@@ -58,8 +59,13 @@ def _check_rows(rows, model, sources, prompts=PROMPTS, classes=None):
             peak, box = top_region(expected)
             assert tuple(row["peak"][p]) == peak and tuple(row["top_region"][p]) == box
             if "png" in row:
+                # the row's PNG is its own heatmap drawn on the original, bit for bit; the in-process
+                # map (another batch size) differs by float rounding, which can move a pixel one
+                # colormap step, so against it a few pixels may differ by a few levels
                 drawn = np.asarray(Image.open(io.BytesIO(row["png"][p])))
-                assert np.array_equal(drawn, np.asarray(ref.overlay(0, p)))
+                assert np.array_equal(drawn, np.asarray(overlay(ref.images[0], row["heatmap"][p])))
+                off = np.abs(drawn.astype(int) - np.asarray(ref.overlay(0, p)).astype(int))
+                assert (off.max(-1) > 0).mean() <= 0.01 and off.max() <= 8
 
 
 def test_folder_rows_equal_the_in_process_runtime_with_two_actors(cluster, image_folder, model_folder):
